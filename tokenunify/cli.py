@@ -1,0 +1,138 @@
+"""``tokenunify <stage> ...``: one subcommand per pipeline stage (the rules call these).
+
+Every stage takes either ``--spec JSON`` (what the Snakemake rules pass, so that Snakemake reruns
+a stage whose settings changed) or ``--config FILE`` plus a dataset name (for use by hand).
+Later stages (pretrain, finetune, infer, agglomerate, evaluate, report) are listed but not yet
+implemented: they exit with an error saying so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+
+from tokenunify import __version__
+from tokenunify.config import (
+    ConfigError,
+    DatasetSpec,
+    DownloadConfig,
+    PipelineConfig,
+    TokenizeConfig,
+    load_config,
+)
+from tokenunify.io.sources import SourceError
+
+log = logging.getLogger("tokenunify")
+PENDING = ("pretrain", "finetune", "infer", "agglomerate", "evaluate", "report")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+
+
+def _stage_config(args, section: str) -> tuple[PipelineConfig | None, dict]:
+    """(typed config or None, the stage's JSON spec) from --config or --spec."""
+    if args.spec:
+        try:
+            return None, json.loads(args.spec)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"--spec is not valid JSON: {exc}") from exc
+    if not args.config:
+        raise ConfigError("give --config FILE (and a dataset) or --spec JSON")
+    cfg = load_config(args.config, deep=False)
+    return cfg, {}
+
+
+def _dataset(cfg: PipelineConfig | None, spec: dict, name: str) -> DatasetSpec:
+    if cfg is not None:
+        if name not in cfg.datasets:
+            raise ConfigError(f"dataset {name!r} is not declared; declared: "
+                              f"{sorted(cfg.datasets)}")
+        return cfg.datasets[name]
+    from tokenunify.config import validate_config
+
+    full = validate_config({"datasets": {name: spec["dataset"]}})
+    return DatasetSpec.from_dict(name, full["datasets"][name])
+
+
+def cmd_download(args) -> None:
+    from tokenunify import download
+
+    cfg, spec = _stage_config(args, "download")
+    ds = _dataset(cfg, spec, args.dataset)
+    if cfg is not None:
+        dl = cfg.download
+    else:
+        dl = DownloadConfig(**{k: tuple(v) if isinstance(v, list) else v
+                               for k, v in spec.get("download", {}).items()})
+    download.run(ds, args.out, dataclasses.replace(dl, workers=args.workers))
+
+
+def cmd_tokenize(args) -> None:
+    from tokenunify import tokenize
+
+    cfg, spec = _stage_config(args, "tokenize")
+    tk = cfg.tokenize if cfg is not None else TokenizeConfig.from_dict(spec.get("tokenize", {}))
+    tokenize.run(args.volume, args.out, args.manifest, dataclasses.replace(tk, workers=args.workers))
+
+
+def cmd_check(args) -> None:
+    cfg = load_config(args.config, deep=True)
+    log.info("config OK: %d datasets (%s), experiments %s", len(cfg.datasets),
+             ", ".join(f"{n}: {'/'.join(d.roles)}" for n, d in cfg.datasets.items()),
+             sorted(cfg.experiments))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tokenunify", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=__version__)
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="stage", required=True)
+
+    def common(sp):
+        sp.add_argument("--config", help="pipeline config YAML (config/config.yaml)")
+        sp.add_argument("--spec", help="stage settings as JSON (what the rules pass)")
+        sp.add_argument("--workers", type=int, default=2, help="threads / Dask workers")
+
+    sp = sub.add_parser("check", help="validate a config and open every declared source")
+    sp.add_argument("--config", required=True)
+    sp.set_defaults(func=cmd_check)
+
+    sp = sub.add_parser("download", help="copy a declared dataset into results/data/NAME.zarr")
+    sp.add_argument("dataset")
+    sp.add_argument("--out", required=True, help="output .zarr folder")
+    common(sp)
+    sp.set_defaults(func=cmd_download)
+
+    sp = sub.add_parser("tokenize", help="cut a downloaded volume into crops / tokens")
+    sp.add_argument("volume", help="results/data/NAME.zarr")
+    sp.add_argument("--out", required=True, help="output tokens .zarr folder")
+    sp.add_argument("--manifest", required=True, help="output manifest .parquet")
+    common(sp)
+    sp.set_defaults(func=cmd_tokenize)
+
+    for stage in PENDING:
+        sp = sub.add_parser(stage, help=f"{stage} stage (not implemented yet)")
+        sp.set_defaults(func=lambda a: (_ for _ in ()).throw(
+            NotImplementedError(f"the '{a.stage}' stage is not implemented yet")))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        args.func(args)
+    except (ConfigError, SourceError, NotImplementedError, ValueError, OSError) as exc:
+        log.error("%s", exc)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,346 @@
+"""Pipeline configuration: schema validation with defaults, typed stage configs, deep checks.
+
+The schema is ``workflow/schemas/config.schema.yaml`` (shipped in the package as
+``tokenunify/schema/config.schema.yaml``). :func:`validate_config` fills in every default and
+raises :class:`ConfigError` naming the offending key. :func:`check_config` then opens every
+declared source and checks what a schema cannot: files exist, HDF5 keys exist, raw and label
+shapes agree, bounding boxes fit, labelled roles have labels. The Snakefile runs both before
+any job is scheduled, so a bad config never destroys earlier results.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+import logging
+import re
+from dataclasses import asdict, dataclass, field
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+log = logging.getLogger(__name__)
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+LABELLED_ROLES = ("train", "validate", "test")
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key, file or value at fault."""
+
+
+@cache
+def load_schema() -> dict:
+    """The config JSON schema (a dict), read with ``yaml.safe_load``."""
+    text = resources.files("tokenunify").joinpath("schema/config.schema.yaml").read_text()
+    return yaml.safe_load(text)
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Read a YAML config file safely; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def _fill_defaults(validator_class):
+    """A jsonschema validator class that also writes ``default`` values into the instance."""
+    validate_props = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for prop, sub in properties.items():
+                if "default" in sub and prop not in instance:
+                    instance[prop] = copy.deepcopy(sub["default"])
+        yield from validate_props(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
+
+
+def _path_str(path) -> str:
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "<top level>"
+
+
+def _allowed_keys(schema: dict, root: dict) -> list[str]:
+    if "$ref" in schema:
+        ref = schema["$ref"].split("/")[-1]
+        schema = root["$defs"][ref]
+    return sorted(schema.get("properties", {}))
+
+
+def _explain(err: jsonschema.ValidationError, root: dict) -> str:
+    where = _path_str(err.absolute_path)
+    if err.validator == "additionalProperties" and isinstance(err.instance, dict):
+        allowed = _allowed_keys(err.schema, root)
+        extra = [k for k in err.instance if k not in allowed]
+        hints = []
+        for key in extra:
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hints.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+        return f"{where}: unknown key {', '.join(hints)}; allowed keys: {', '.join(allowed)}"
+    if err.validator == "propertyNames":
+        return (
+            f"{where}: invalid name {err.instance!r}: names start with a letter or digit and "
+            "hold only letters, digits, '_', '-', '.' (max 64 characters)"
+        )
+    if err.validator == "enum":
+        close = difflib.get_close_matches(str(err.instance), [str(e) for e in err.validator_value])
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return f"{where}: {err.instance!r} is not one of {err.validator_value}{hint}"
+    if err.validator == "oneOf" and err.context:
+        best = jsonschema.exceptions.best_match(err.context)
+        return f"{where}: {best.message}"
+    return f"{where}: {err.message}"
+
+
+def validate_config(config: dict) -> dict:
+    """Validate a config dict against the schema and fill in defaults (in place).
+
+    Args:
+        config: the parsed YAML (e.g. Snakemake's ``config``).
+
+    Returns:
+        The same dict, with every default filled in.
+
+    Raises:
+        ConfigError: naming the first offending key and listing all problems found.
+    """
+    root = load_schema()
+    cls = _fill_defaults(jsonschema.validators.validator_for(root))
+    validator = cls(root)
+    errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
+    if errors:
+        msgs = [_explain(e, root) for e in errors]
+        raise ConfigError("invalid config:\n  " + "\n  ".join(dict.fromkeys(msgs)))
+    return config
+
+
+# --------------------------------------------------------------------------- typed views
+
+
+@dataclass(frozen=True)
+class MappingSpec:
+    """Supervoxel -> body table: ``key`` in file ``source`` (None = the labels file)."""
+
+    key: str
+    source: str | None = None
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """One volume source (see the schema for the meaning of each field)."""
+
+    source: str
+    key: str | None = None
+    mip: int = 0
+    allow_missing: bool = False
+    intensity_range: tuple[float, float] | None = None
+    mapping: MappingSpec | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SourceSpec:
+        d = dict(d)
+        if d.get("mapping"):
+            d["mapping"] = MappingSpec(**d["mapping"])
+        if d.get("intensity_range") is not None:
+            d["intensity_range"] = tuple(d["intensity_range"])
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A declared dataset. Sizes in voxels (z, y, x), voxel_size and offset in nm (z, y, x)."""
+
+    name: str
+    raw: SourceSpec
+    labels: SourceSpec | None = None
+    voxel_size: tuple[float, float, float] | None = None
+    offset: tuple[float, float, float] | None = None
+    bbox: tuple[tuple[int, int, int], tuple[int, int, int]] | None = None
+    roles: tuple[str, ...] = ("pretrain",)
+    description: str = ""
+
+    @classmethod
+    def from_dict(cls, name: str, d: dict) -> DatasetSpec:
+        if not NAME_RE.match(name):
+            raise ConfigError(f"datasets.{name}: invalid dataset name {name!r}")
+        bbox = d.get("bbox")
+        return cls(
+            name=name,
+            raw=SourceSpec.from_dict(d["raw"]),
+            labels=SourceSpec.from_dict(d["labels"]) if d.get("labels") else None,
+            voxel_size=tuple(d["voxel_size"]) if d.get("voxel_size") else None,
+            offset=tuple(d["offset"]) if d.get("offset") is not None else None,
+            bbox=(tuple(bbox["start"]), tuple(bbox["stop"])) if bbox else None,
+            roles=tuple(d.get("roles", ("pretrain",))),
+            description=d.get("description", ""),
+        )
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able dict (what the schema describes)."""
+        d = asdict(self)
+        d.pop("name")
+        if self.bbox:
+            d["bbox"] = {"start": list(self.bbox[0]), "stop": list(self.bbox[1])}
+        return json.loads(json.dumps(d))
+
+
+@dataclass(frozen=True)
+class DownloadConfig:
+    """Download stage settings: block (z, y, x) voxels per read/write and zarr chunk."""
+
+    block: tuple[int, int, int] = (32, 256, 256)
+    workers: int = 2
+
+
+@dataclass(frozen=True)
+class TokenizeConfig:
+    """Tokenize stage settings; sizes in voxels (z, y, x). See the schema for each field."""
+
+    crop: tuple[int, int, int] = (16, 160, 160)
+    patch: tuple[int, int, int] = (4, 16, 16)
+    stride: tuple[int, int, int] | None = None
+    cover_edges: bool = True
+    normalize: str = "per_crop"
+    max_zero_fraction: float = 0.5
+    min_std: float = 2.0
+    min_section_std: float = 1.0
+    max_defective_sections: int = 0
+    scheduler: str = "threads"
+    workers: int = 2
+    chunks: tuple[int, int, int] | None = None
+
+    def __post_init__(self):
+        for c, p in zip(self.crop, self.patch, strict=True):
+            if c % p:
+                raise ConfigError(f"tokenize.crop {list(self.crop)} is not a multiple of "
+                                  f"tokenize.patch {list(self.patch)}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TokenizeConfig:
+        d = dict(d)
+        for k in ("crop", "patch", "stride", "chunks"):
+            if d.get(k) is not None:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+
+@dataclass
+class PipelineConfig:
+    """The whole validated config as typed objects."""
+
+    datasets: dict[str, DatasetSpec]
+    experiments: dict[str, dict]
+    download: DownloadConfig
+    tokenize: TokenizeConfig
+    raw: dict = field(repr=False, default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, config: dict) -> PipelineConfig:
+        config = validate_config(copy.deepcopy(config))
+        return cls(
+            datasets={n: DatasetSpec.from_dict(n, d) for n, d in config["datasets"].items()},
+            experiments=config["experiments"],
+            download=DownloadConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                       for k, v in config["download"].items()}),
+            tokenize=TokenizeConfig.from_dict(config["tokenize"]),
+            raw=config,
+        )
+
+
+def digest(obj: Any) -> str:
+    """Short sha256 of a JSON-able object (canonical form), used in provenance and resume."""
+    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- deep checks
+
+
+def open_dataset(spec: DatasetSpec, fetch: bool = True):
+    """Open a dataset's raw and label volumes (bbox applied) after checking them.
+
+    Args:
+        spec: the dataset.
+        fetch: download remote files now; with False an uncached remote file gives (None, None).
+
+    Returns:
+        (raw, labels) :class:`~tokenunify.io.sources.Volume` objects; labels may be None.
+
+    Raises:
+        ConfigError: a file is missing, a key is wrong, shapes disagree, the bbox does not fit,
+            no voxel size is known, or a labelled role has no labels.
+    """
+    from tokenunify.io.sources import Cropped, SourceError, open_source
+
+    where = f"datasets.{spec.name}"
+    for role in spec.roles:
+        if role in LABELLED_ROLES and spec.labels is None:
+            raise ConfigError(f"{where}.roles: role '{role}' needs labels, but "
+                              f"{where}.labels is not set")
+    try:
+        raw = open_source(spec.raw, where=f"{where}.raw", fetch=fetch)
+        labels = (open_source(spec.labels, where=f"{where}.labels", fetch=fetch)
+                  if spec.labels else None)
+    except SourceError as exc:
+        raise ConfigError(str(exc)) from exc
+    if raw is None or (spec.labels is not None and labels is None):
+        return None, None  # remote file not fetched yet: the download job checks it
+    shape = tuple(raw.shape)
+    if labels is not None and tuple(labels.shape) != shape:
+        raise ConfigError(
+            f"{where}: raw shape {list(shape)} (z, y, x) from {spec.raw.source} and labels shape "
+            f"{list(labels.shape)} from {spec.labels.source} disagree"
+        )
+    if spec.bbox is not None:
+        start, stop = spec.bbox
+        for ax, (a, b, n) in enumerate(zip(start, stop, shape, strict=True)):
+            if not 0 <= a < b <= n:
+                raise ConfigError(
+                    f"{where}.bbox: axis {'zyx'[ax]} range [{a}, {b}) does not fit in the "
+                    f"source shape {list(shape)}"
+                )
+        raw = Cropped(raw, start, stop)
+        labels = Cropped(labels, start, stop) if labels is not None else None
+    if spec.voxel_size is None and raw.voxel_size is None:
+        raise ConfigError(f"{where}.voxel_size: not set, and {spec.raw.source} carries none; "
+                          "give it in nm as [z, y, x]")
+    return raw, labels
+
+
+def check_dataset(spec: DatasetSpec) -> None:
+    """Deep-check one dataset without downloading remote files (see :func:`open_dataset`)."""
+    open_dataset(spec, fetch=False)
+
+
+def check_config(config: dict) -> PipelineConfig:
+    """Validate against the schema, then deep-check every dataset. Returns the typed config."""
+    cfg = PipelineConfig.from_dict(config)
+    for spec in cfg.datasets.values():
+        check_dataset(spec)
+    return cfg
+
+
+def load_config(path: str | Path, deep: bool = True) -> PipelineConfig:
+    """Read, validate and (optionally) deep-check a config file."""
+    data = load_yaml(path)
+    try:
+        return check_config(data) if deep else PipelineConfig.from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc

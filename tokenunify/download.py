@@ -1,0 +1,149 @@
+"""Download stage: any declared source -> ``results/data/{dataset}.zarr``.
+
+Output layout (zarr v3 group)::
+
+    {dataset}.zarr/
+        raw      uint8  (z, y, x)   chunks = download.block
+        labels   uint64 (z, y, x)   only if the dataset declares labels; 0 = background/ignore
+
+Each array carries ``voxel_size`` and ``offset`` (nm, z y x), ``axis_names``, ``units``,
+``source`` (what was read) and ``provenance``. The group carries the dataset spec and roles.
+
+The volume is copied block by block (``download.block`` voxels, one zarr chunk each) by a few
+threads, so peak memory is about ``workers x block`` whatever the volume size. Work happens in
+``{dataset}.zarr.partial`` with a done marker per block: after an interruption a rerun skips the
+blocks already written, and the finished group is renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import zarr
+from tqdm.auto import tqdm
+
+from tokenunify.config import DatasetSpec, DownloadConfig, digest, open_dataset
+from tokenunify.io.sources import SourceError, Volume, read_mapping
+from tokenunify.io.zarrio import StagedOutput, blocks, create_volume, provenance
+
+log = logging.getLogger(__name__)
+
+
+def intensity_range(vol: Volume, block, workers: int = 1) -> tuple[float, float]:
+    """Streaming (min, max) of a volume, block by block (bounded memory)."""
+    def one(box):
+        a = vol.read(box)
+        return float(a.min()), float(a.max())
+
+    with ThreadPoolExecutor(workers) as pool:
+        res = list(pool.map(one, (box for _, box in blocks(vol.shape, block))))
+    return min(r[0] for r in res), max(r[1] for r in res)
+
+
+def to_uint8(a: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Map [lo, hi] linearly onto 0..255 (clipped, rounded); uint8 input passes through."""
+    if a.dtype == np.uint8 and (lo, hi) == (0, 255):
+        return a
+    scale = 255.0 / (hi - lo) if hi > lo else 0.0
+    return np.clip(np.rint((a.astype(np.float64) - lo) * scale), 0, 255).astype(np.uint8)
+
+
+class LabelConverter:
+    """Source labels -> uint64, through the optional supervoxel -> body table."""
+
+    def __init__(self, table: np.ndarray | None, where: str):
+        self.where = where
+        self.mapping = None
+        if table is not None:
+            self.mapping = {int(a): int(b) for a, b in table}
+
+    def __call__(self, a: np.ndarray) -> np.ndarray:
+        import fastremap
+
+        if a.dtype.kind == "f":
+            if not np.array_equal(a, np.rint(a)):
+                raise SourceError(f"{self.where}: labels are floating point with fractions")
+        if a.dtype.kind in "if" and a.size and a.min() < 0:
+            raise SourceError(f"{self.where}: labels contain negative ids ({a.min()})")
+        a = a.astype(np.uint64)
+        if self.mapping is not None:
+            a = fastremap.remap(a, self.mapping, preserve_missing_labels=True)
+        return a
+
+
+def run(spec: DatasetSpec, out: str | Path, cfg: DownloadConfig = DownloadConfig(),
+        progress: bool | None = None) -> Path:
+    """Download one dataset to ``out`` (a ``.zarr`` folder); resumable; returns ``out``.
+
+    Args:
+        spec: the dataset (validated config).
+        out: output folder, e.g. ``results/data/demo.zarr``.
+        cfg: block size (z, y, x voxels) and worker threads.
+        progress: show a progress bar (None = only on a terminal).
+    """
+    where = f"datasets.{spec.name}"
+    raw, labels = open_dataset(spec, fetch=True)
+    voxel_size = tuple(spec.voxel_size or raw.voxel_size)
+    offset = tuple(spec.offset if spec.offset is not None else (raw.offset or (0.0, 0.0, 0.0)))
+    shape = tuple(raw.shape)
+    block = tuple(min(b, n) for b, n in zip(cfg.block, shape, strict=True))
+    spec_dict = spec.to_dict()
+    dig = digest({"spec": spec_dict, "block": block})
+    stage = StagedOutput(out, dig)
+    root = zarr.open_group(str(stage.path), mode="a", zarr_format=3)
+
+    if raw.dtype == np.uint8:
+        lo, hi = 0.0, 255.0
+    elif spec.raw.intensity_range is not None:
+        lo, hi = spec.raw.intensity_range
+    elif "intensity_range" in root.attrs:
+        lo, hi = root.attrs["intensity_range"]
+    else:
+        log.info("%s: raw is %s; computing its intensity range by a streaming pass",
+                 spec.name, raw.dtype)
+        lo, hi = intensity_range(raw, block, cfg.workers)
+    root.attrs["intensity_range"] = [lo, hi]
+
+    prov = provenance("download", dig, {"raw": spec.raw.source,
+                                        "labels": spec.labels.source if spec.labels else None})
+    raw_out = create_volume(root, "raw", shape, block, np.uint8, voxel_size, offset,
+                            {"source": raw.describe(), "intensity_range": [lo, hi],
+                             "provenance": prov})
+    lab_out = conv = None
+    if labels is not None:
+        table = read_mapping(spec.labels, f"{where}.labels") if spec.labels.mapping else None
+        conv = LabelConverter(table, f"{where}.labels")
+        lab_out = create_volume(root, "labels", shape, block, np.uint64, voxel_size, offset,
+                                {"source": labels.describe(), "background": 0,
+                                 "mapping": spec.labels.mapping.key if table is not None
+                                 else None, "provenance": prov})
+
+    todo = [(i, box) for i, box in blocks(shape, block) if not stage.is_done("block", i)]
+    n_total = sum(1 for _ in blocks(shape, block))
+    if len(todo) < n_total:
+        log.info("%s: %d of %d blocks already written, resuming", spec.name,
+                 n_total - len(todo), n_total)
+
+    def copy_block(item):
+        idx, box = item
+        raw_out[box] = to_uint8(raw.read(box), lo, hi)
+        if lab_out is not None:
+            lab_out[box] = conv(labels.read(box))
+        stage.mark_done("block", idx)
+
+    with ThreadPoolExecutor(cfg.workers) as pool, tqdm(
+        total=n_total, initial=n_total - len(todo), desc=f"download {spec.name}", unit="block",
+        disable=None if progress is None else not progress,
+    ) as bar:
+        for _ in pool.map(copy_block, todo):
+            bar.update()
+
+    root.attrs.update({"dataset": spec.name, "roles": list(spec.roles), "spec": spec_dict,
+                       "provenance": prov})
+    final = stage.commit()
+    log.info("%s: wrote %s %s (z, y, x) at %s nm", spec.name, final, list(shape),
+             list(voxel_size))
+    return final

@@ -1,0 +1,48 @@
+# Config validation (before any job runs) and the helpers the rules use.
+import json
+import re
+
+from snakemake.exceptions import WorkflowError
+
+from tokenunify.config import ConfigError, check_config, validate_config
+
+try:
+    # Fill schema defaults into `config` (so params carry them), then open every source.
+    validate_config(config)
+    check_config(config)
+except ConfigError as exc:
+    raise WorkflowError(f"config error: {exc}") from None
+
+DATASETS = sorted(config["datasets"])
+
+
+wildcard_constraints:
+    dataset="|".join(re.escape(d) for d in DATASETS),
+
+
+def download_spec(wildcards):
+    """JSON settings of the download job (tracked by Snakemake's params trigger)."""
+    return json.dumps(
+        {
+            "dataset": config["datasets"][wildcards.dataset],
+            "download": config["download"],
+        },
+        sort_keys=True,
+    )
+
+
+def tokenize_spec(wildcards):
+    """JSON settings of the tokenize job."""
+    return json.dumps({"tokenize": config["tokenize"]}, sort_keys=True)
+
+
+def final_outputs():
+    """Everything the stages implemented so far produce, for every declared dataset."""
+    return expand(
+        [
+            "results/data/{dataset}.zarr",
+            "results/tokens/{dataset}.zarr",
+            "results/tokens/{dataset}.manifest.parquet",
+        ],
+        dataset=DATASETS,
+    )
