@@ -87,7 +87,10 @@ def run(spec: DatasetSpec, out: str | Path, cfg: DownloadConfig = DownloadConfig
     where = f"datasets.{spec.name}"
     raw, labels = open_dataset(spec, fetch=True)
     voxel_size = tuple(spec.voxel_size or raw.voxel_size)
-    offset = tuple(spec.offset if spec.offset is not None else (raw.offset or (0.0, 0.0, 0.0)))
+    base = getattr(raw, "base", raw)  # offsets refer to the source's first voxel, before bbox
+    offset = spec.offset if spec.offset is not None else (base.offset or (0.0, 0.0, 0.0))
+    start = spec.bbox[0] if spec.bbox else (0, 0, 0)
+    offset = tuple(float(o + a * v) for o, a, v in zip(offset, start, voxel_size, strict=True))
     shape = tuple(raw.shape)
     block = tuple(min(b, n) for b, n in zip(cfg.block, shape, strict=True))
     spec_dict = spec.to_dict()

@@ -11,7 +11,8 @@ of voxels with gt label i and seg label j (N in all, row sums a_i, column sums b
 
 These equal ``skimage.metrics.variation_of_information(gt, seg, ignore_labels=(0,))`` and
 ``skimage.metrics.adapted_rand_error(gt, seg, ignore_labels=(0,))[0]`` (SNEMI3D / CREMI
-convention). ARAND is NaN when no pair of voxels exists (fewer than two voxels), as in skimage.
+convention). With no voxel left after ignoring, every metric is NaN, as in skimage; ARAND is also
+NaN when no pair of voxels exists.
 
 The contingency table is built from compact relabelled ids (fastremap) with one ``bincount``, so
 uint64 ids of any size work, and it can be accumulated block by block
@@ -142,7 +143,8 @@ def scores(table: Contingency) -> Scores:
     """VOI split/merge/total and ARAND (plus Rand split/merge scores) from a table."""
     n = table.n
     if n == 0:
-        return Scores(0.0, 0.0, 0.0, float("nan"), float("nan"), float("nan"), 0)
+        nan = float("nan")  # nothing to compare: undefined, as in skimage
+        return Scores(nan, nan, nan, nan, nan, nan, 0)
     c = table.count.astype(np.float64)
     _, gi = np.unique(table.gt, return_inverse=True)
     _, si = np.unique(table.seg, return_inverse=True)

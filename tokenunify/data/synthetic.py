@@ -281,7 +281,7 @@ class SyntheticEM:
                     np.sin(ang)
                 img = img * np.where(np.abs(dist) < rng.uniform(3, 8), 0.2, 1.0)
         raw = np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
-        return {"raw": raw, "labels": labels, "membrane": (memb > 0.5).astype(np.uint8)}
+        return {"raw": raw, "labels": labels, "membrane": (memb > 0.2).astype(np.uint8)}
 
     def section(self, z: int) -> dict[str, np.ndarray]:
         """Rendered section z, from a small LRU cache."""

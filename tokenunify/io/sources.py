@@ -189,7 +189,7 @@ class ZarrVolume(Volume):
                         raise MissingDataError(
                             f"{self.where}: chunk {key!r} of {self.url} is missing (box "
                             f"{[(s.start, s.stop) for s in box]}); set allow_missing: true "
-                            "if gaps are expected")
+                            "if gaps are expected or the writer skipped empty chunks")
 
     def read(self, box: Box) -> np.ndarray:
         if not self.allow_missing:

@@ -66,7 +66,7 @@ def create_volume(group: zarr.Group, name: str, shape, chunks, dtype, voxel_size
         del group[name]
     arr = group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0,
                              compressors=zarr.codecs.BloscCodec(cname="zstd", clevel=3),
-                             dimension_names=dims)
+                             dimension_names=dims, config={"write_empty_chunks": True})
     arr.attrs.update(meta)
     return arr
 

@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny synthetic volumes, the real volumes in ../shared/data, an isolated cache."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("TOKENUNIFY_SHARED_DATA", REPO.parent / "shared" / "data"))
+NEUROPROOF = SHARED_DATA / "neuroproof_fib_medulla_250"
+GALA = SHARED_DATA / "gala_fib_example"
+ISBI = SHARED_DATA / "isbi2012_membrane_2d"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    """Remote fetches and gunzipped files go to a per-session cache, never ~/.cache."""
+    os.environ["TOKENUNIFY_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
+def need(path: Path) -> Path:
+    """Skip the test with a clear reason when a real dataset is absent."""
+    if not path.exists():
+        pytest.skip(f"real dataset not present: {path} (see ../shared/data/*/SOURCE.md)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_em():
+    """A small synthetic EM volume: dict raw uint8 / labels uint64 / membrane, (16, 96, 96)."""
+    from tokenunify.data.synthetic import generate
+
+    return generate((16, 96, 96), seed=7)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
