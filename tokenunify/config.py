@@ -94,7 +94,7 @@ def _explain(err: jsonschema.ValidationError, root: dict) -> str:
             close = difflib.get_close_matches(key, allowed, n=1)
             hints.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
         return f"{where}: unknown key {', '.join(hints)}; allowed keys: {', '.join(allowed)}"
-    if err.validator == "propertyNames":
+    if "propertyNames" in err.schema_path:
         return (
             f"{where}: invalid name {err.instance!r}: names start with a letter or digit and "
             "hold only letters, digits, '_', '-', '.' (max 64 characters)"

@@ -1,0 +1,143 @@
+"""The Snakemake workflow end to end on tiny data, lint, and bad configs stopped before any job.
+
+Runs the real `snakemake` command line in a scratch directory, the way users run it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import yaml
+import zarr
+from conftest import REPO
+
+pytestmark = pytest.mark.workflow
+SNAKEFILE = REPO / "workflow" / "Snakefile"
+SYN = "synthetic://em?shape=8,64,64&seed={seed}"
+
+
+def tiny_config(workdir: Path) -> dict:
+    with h5py.File(workdir / "vol.h5", "w") as f:
+        f["raw"] = np.random.default_rng(0).integers(20, 230, (8, 64, 64), dtype=np.uint8)
+        f["labels"] = np.ones((8, 64, 64), np.uint32)
+    return {
+        "datasets": {
+            "pre": {"raw": {"source": SYN.format(seed=1), "key": "raw"}, "roles": ["pretrain"]},
+            "lab": {"raw": {"source": SYN.format(seed=2), "key": "raw"},
+                    "labels": {"source": SYN.format(seed=2), "key": "labels"},
+                    "roles": ["train", "test"]},
+            "h5": {"raw": {"source": "vol.h5", "key": "raw"},
+                   "labels": {"source": "vol.h5", "key": "labels"},
+                   "voxel_size": [40, 8, 8], "roles": ["validate"]},
+        },
+        "download": {"block": [4, 64, 64]},
+        "tokenize": {"crop": [4, 32, 32], "patch": [2, 8, 8]},
+    }
+
+
+def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory",
+           str(workdir), "--cores", "2", *args]
+    return subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
+
+
+def write_config(workdir: Path, cfg: dict) -> None:
+    (workdir / "config").mkdir(exist_ok=True)
+    (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
+
+
+def snapshot(results: Path) -> dict[str, str]:
+    """Hash of every file under results/ (to prove a failed run changed nothing)."""
+    return {str(p.relative_to(results)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(results.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("wf")
+    cfg = tiny_config(workdir)
+    write_config(workdir, cfg)
+    proc = snakemake(workdir)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return workdir, cfg
+
+
+def test_workflow_produces_data_and_tokens_for_every_dataset(finished_run):
+    workdir, cfg = finished_run
+    for name in cfg["datasets"]:
+        g = zarr.open_group(str(workdir / "results" / "data" / f"{name}.zarr"), mode="r")
+        assert g["raw"].dtype == np.uint8
+        assert g["raw"].attrs["voxel_size"] == [40.0, 8.0, 8.0]
+        tokens = zarr.open_group(str(workdir / "results" / "tokens" / f"{name}.zarr"), mode="r")
+        assert tokens["crops"].shape[1:] == (4, 32, 32)
+        assert (workdir / "results" / "tokens" / f"{name}.manifest.parquet").exists()
+        assert (workdir / "logs" / "download" / f"{name}.log").exists()
+        assert (workdir / "results" / "benchmarks" / "tokenize" / f"{name}.tsv").exists()
+    assert "labels" in zarr.open_group(str(workdir / "results/data/lab.zarr"), mode="r")
+    # A second run has nothing to do.
+    proc = snakemake(workdir, "-n")
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+def _bad_typo(cfg, wd):
+    cfg["datasets"]["pre"]["rols"] = cfg["datasets"]["pre"].pop("roles")
+    return "unknown key 'rols' (did you mean 'roles'?)"
+
+
+def _bad_role(cfg, wd):
+    cfg["datasets"]["pre"]["roles"] = ["pretrian"]
+    return "datasets.pre.roles[0]: 'pretrian' is not one of"
+
+
+def _bad_missing_file(cfg, wd):
+    cfg["datasets"]["h5"]["raw"]["source"] = "nowhere/vol.h5"
+    return "datasets.h5.raw.source: file not found: nowhere/vol.h5"
+
+
+def _bad_h5_key(cfg, wd):
+    cfg["datasets"]["h5"]["raw"]["key"] = "volumes/raw"
+    return "datasets.h5.raw.key: no dataset 'volumes/raw'"
+
+
+def _bad_shapes(cfg, wd):
+    with h5py.File(wd / "other.h5", "w") as f:
+        f["labels"] = np.ones((8, 64, 65), np.uint32)
+    cfg["datasets"]["h5"]["labels"] = {"source": "other.h5", "key": "labels"}
+    return "raw shape [8, 64, 64] (z, y, x) from vol.h5 and labels shape [8, 64, 65]"
+
+
+@pytest.mark.parametrize("breaker", [_bad_typo, _bad_role, _bad_missing_file, _bad_h5_key,
+                                     _bad_shapes], ids=lambda f: f.__name__[5:])
+def test_bad_config_stops_before_any_job_and_loses_nothing(finished_run, breaker):
+    workdir, good = finished_run
+    before = snapshot(workdir / "results")
+    cfg = yaml.safe_load(yaml.safe_dump(good))
+    message = breaker(cfg, workdir)
+    write_config(workdir, cfg)
+    try:
+        proc = snakemake(workdir, "--forceall")
+    finally:
+        write_config(workdir, good)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert message in out, out[-3000:]
+    assert "Building DAG of jobs" not in out  # stopped while parsing, before any job
+    assert snapshot(workdir / "results") == before
+
+
+def test_lint_is_clean():
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "--lint"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "Congratulations" in proc.stdout + proc.stderr, \
+        proc.stdout + proc.stderr
