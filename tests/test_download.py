@@ -139,3 +139,40 @@ datasets:
     bf = np.zeros(lab.shape, bool)
     bf[:, 1:, :] |= np.diff(flipped, axis=1) != 0
     assert raw[bf].mean() > edge + 15  # a y-flip would not line up
+
+
+def test_precomputed_over_local_http_with_segmentation_labels(tmp_path, rng):
+    """cloud-volume image + segmentation layers served by http.server on 127.0.0.1."""
+    import functools
+    import http.server
+    import threading
+
+    from cloudvolume import CloudVolume
+
+    raw = rng.integers(0, 255, (6, 40, 48), dtype=np.uint8)
+    lab = rng.integers(1, 2**40, (6, 40, 48), dtype=np.uint64)
+    www = tmp_path / "www"
+    for name, vol, layer in (("img", raw, "image"), ("seg", lab, "segmentation")):
+        info = CloudVolume.create_new_info(
+            num_channels=1, layer_type=layer, data_type=str(vol.dtype), encoding="raw",
+            resolution=[8, 8, 40], voxel_offset=[0, 0, 0], volume_size=[48, 40, 6],
+            chunk_size=[16, 16, 2])
+        cv = CloudVolume(f"file://{www / name}", info=info, compress=False, progress=False)
+        cv.commit_info()
+        cv[:, :, :] = vol.transpose(2, 1, 0)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        spec = DatasetSpec(name="cv", raw=SourceSpec(f"precomputed://{base}/img"),
+                           labels=SourceSpec(f"precomputed://{base}/seg"), roles=("test",))
+        out = download.run(spec, tmp_path / "cv.zarr", DownloadConfig(block=(4, 32, 32)))
+    finally:
+        server.shutdown()
+        server.server_close()
+    g = zarr.open_group(str(out), mode="r")
+    np.testing.assert_array_equal(g["raw"][:], raw)
+    np.testing.assert_array_equal(g["labels"][:], lab)
+    assert g["raw"].attrs["voxel_size"] == [40.0, 8.0, 8.0]

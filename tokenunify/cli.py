@@ -103,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--config", required=True)
     sp.set_defaults(func=cmd_check)
 
+    sp = sub.add_parser("preview", help="PNG of synthetic sections beside real EM sections")
+    sp.add_argument("--out", default="synthetic_preview.png")
+    sp.add_argument("--real", default="../shared/data", help="folder with the real datasets")
+    sp.set_defaults(func=lambda a: __import__("tokenunify.data.preview", fromlist=["x"])
+                    .save_preview(a.out, a.real))
+
     sp = sub.add_parser("download", help="copy a declared dataset into results/data/NAME.zarr")
     sp.add_argument("dataset")
     sp.add_argument("--out", required=True, help="output .zarr folder")

@@ -67,3 +67,15 @@ def test_defective_sections_occur():
 def test_bad_parameters_are_named(bad):
     with pytest.raises(ValueError, match="shape|wobble"):
         SyntheticConfig.from_query(bad)
+
+
+def test_preview_montage_has_synthetic_and_real_rows(tmp_path):
+    from conftest import SHARED_DATA
+
+    from tokenunify.data.preview import save_preview
+
+    out = save_preview(tmp_path / "p.png", SHARED_DATA, size=64)
+    import imageio.v3 as iio
+
+    img = iio.imread(out)
+    assert img.shape[1] == 4 * 64 and img.shape[0] in (64, 128)
