@@ -176,7 +176,7 @@ def run(volume: str | Path, out: str | Path, manifest: str | Path,
         "token_order": "zyx raster of patches; voxels inside a patch in z, y, x order",
         "normalize": cfg.normalize, "voxel_size": spatial.get("voxel_size"),
         "offset": spatial.get("offset"), "axis_names": ["crop", "z", "y", "x"],
-        "units": ["nm"] * 3, "n_candidates": int(len(df)), "n_kept": int(len(kept)),
+        "units": ["", "nm", "nm", "nm"], "n_candidates": int(len(df)), "n_kept": int(len(kept)),
         "provenance": provenance("tokenize", dig, [str(volume)]),
     })
     manifest = Path(manifest)

@@ -2,7 +2,8 @@
 
 Files land in ``$TOKENUNIFY_CACHE`` (default ``~/.cache/tokenunify``) under a name derived from
 the URL, written to a temporary name and renamed when complete, so an interrupted fetch never
-leaves a truncated file that looks whole.
+leaves a truncated file that looks whole. (hf:// files fetched through huggingface_hub, when it
+is installed, stay in huggingface_hub's own cache instead.)
 """
 
 from __future__ import annotations

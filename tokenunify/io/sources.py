@@ -3,7 +3,8 @@
 Every reader is a :class:`Volume`: ``shape`` (z, y, x) in voxels, ``dtype``, an optional
 ``voxel_size`` / ``offset`` in nm (z, y, x) taken from the source's metadata, and
 ``read(box)`` returning the voxels of a box of three slices. Reads are lazy: only the requested
-box is read (one slice file, chunk or page at a time), so memory is bounded by the box.
+box is read (one slice file, chunk or page at a time), so memory is bounded by the box. The one
+exception is a TIFF whose z sections are not one page each: it is read whole.
 
 A missing or unreadable piece (zarr chunk, precomputed chunk, slice file, page) raises
 :class:`MissingDataError` naming it, unless the source declares ``allow_missing: true``; then
