@@ -1,0 +1,1 @@
+"""Training: pretraining and (later) fine-tuning, single process or torchrun/DDP."""

@@ -1,0 +1,310 @@
+"""Pretraining stage: TokenUnify (or an ablation) on the tokenized crops of the pretrain datasets.
+
+Outputs in ``out`` (``results/models/{experiment}/pretrain``): ``checkpoint.pt`` (see
+:mod:`tokenunify.train.checkpoint`), ``metrics.jsonl`` (one line per logged step: total and
+per-task losses, curriculum weights, learning rate, tokens/s) and ``loss.png``.
+
+Determinism and resume: the crops of step s and every random choice of sample i (perturbation,
+masks, prefix length, fill noise) are drawn from seeds derived from (seed, s, i) only. So a run
+killed after its last checkpoint and restarted continues the same loss curve, and N torchrun
+processes, each taking 1/N of the global batch, compute the same gradients as one process.
+Work happens in ``{out}.partial`` (checkpoint every ``checkpoint_every`` steps) and is renamed to
+``out`` when training finishes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from scipy import ndimage
+from tqdm.auto import tqdm
+
+from tokenunify.config import digest
+from tokenunify.io.zarrio import StagedOutput
+from tokenunify.model.emmamba import EMmamba, preset
+from tokenunify.objectives import OBJECTIVES, CurriculumConfig, ObjectiveConfig, TokenObjective
+from tokenunify.objectives import weights as curriculum_weights
+from tokenunify.tokenize import TokenCrops
+from tokenunify.train import checkpoint as ckpt
+from tokenunify.train import distributed
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Pretraining settings (schema section ``pretrain``)."""
+
+    model: str = "tiny"
+    steps: int = 100
+    batch_size: int = 2
+    lr: float = 1e-3
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = 10
+    clip_grad: float = 1.0
+    checkpoint_every: int = 25
+    log_every: int = 1
+    seed: int = 0
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (bf16/fp16 on CUDA only)
+    nproc: int = 1
+    perturb_p: float = 0.5
+    perturb: tuple[str, ...] = ("noise", "blur", "cutout")
+    dataset_weights: dict | None = None
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PretrainConfig:
+        d = dict(d)
+        obj = {k: v for k, v in d.pop("objective", {}).items()}
+        cur = {k: tuple(v) if isinstance(v, list) else v for k, v in d.pop("curriculum", {}).items()}
+        for k in ("betas", "perturb"):
+            if k in d:
+                d[k] = tuple(d[k])
+        return cls(objective=ObjectiveConfig(**obj), curriculum=CurriculumConfig(**cur), **d)
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(asdict(self)))
+
+
+def lr_at(step: int, cfg: PretrainConfig) -> float:
+    """Linear warm-up then half-cosine from lr to min_lr (step counts from 0)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no decay for biases, 1-D parameters and Mamba's A_log / D (upstream)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim <= 1 or name.endswith(".bias") or getattr(p, "_no_weight_decay", False):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+class CropSampler:
+    """Deterministic global batches over several token stores (weighted across datasets)."""
+
+    def __init__(self, paths: list[str | Path], weights: dict | None, seed: int):
+        if not paths:
+            raise ValueError("pretraining needs at least one dataset with role 'pretrain'")
+        self.stores = [TokenCrops(p) for p in paths]
+        self.names = [Path(p).name.removesuffix(".zarr") for p in paths]
+        crops = {tuple(s.root.attrs["crop"]) for s in self.stores}
+        patches = {tuple(s.patch) for s in self.stores}
+        if len(crops) != 1 or len(patches) != 1:
+            raise ValueError(f"token stores disagree on crop/patch sizes: {crops}, {patches}")
+        self.crop, self.patch = crops.pop(), patches.pop()
+        w = np.array([(weights or {}).get(n, len(s)) for n, s in zip(self.names, self.stores,
+                                                                         strict=True)], float)
+        self.p = w / w.sum()
+        self.seed = seed
+
+    def batch(self, step: int, size: int) -> tuple[np.ndarray, list[int]]:
+        """(crops (size, 1, Z, Y, X) float32, per-sample seeds) of the global batch at step."""
+        rng = np.random.default_rng([self.seed, step])
+        which = rng.choice(len(self.stores), size=size, p=self.p)
+        xs = []
+        for d in which:
+            store = self.stores[d]
+            xs.append(store.crop(int(rng.integers(len(store))))[None])
+        seeds = [self.seed * 1_000_003 + step * size + i for i in range(size)]
+        return np.stack(xs), seeds
+
+
+def perturb(x: np.ndarray, seed: int, cfg: PretrainConfig) -> np.ndarray:
+    """With probability perturb_p, one of noise / blur / cutout on one crop (1, Z, Y, X)."""
+    rng = np.random.default_rng([seed, 7])
+    if not cfg.perturb or rng.random() >= cfg.perturb_p:
+        return x
+    kind = cfg.perturb[int(rng.integers(len(cfg.perturb)))]
+    x = x.copy()
+    if kind == "noise":
+        x += rng.normal(0, rng.uniform(0.05, 0.3), x.shape).astype(np.float32)
+    elif kind == "blur":
+        x[0] = ndimage.gaussian_filter(x[0], (0, *(rng.uniform(0.5, 1.5),) * 2))
+    elif kind == "cutout":
+        sz = [int(n * rng.uniform(0.1, 0.3)) or 1 for n in x.shape[1:]]
+        st = [int(rng.integers(0, n - s + 1)) for n, s in zip(x.shape[1:], sz, strict=True)]
+        x[0, st[0]:st[0] + sz[0], st[1]:st[1] + sz[1], st[2]:st[2] + sz[2]] = 0.0
+    else:
+        raise ValueError(f"unknown perturbation {kind!r}")
+    return x
+
+
+def _autocast(device: torch.device, precision: str):
+    if device.type != "cuda" or precision == "fp32":
+        return torch.autocast("cpu", enabled=False)
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def run(token_paths: list[str | Path], out: str | Path, experiment: str, pretraining: str,
+        cfg: PretrainConfig, config_snapshot: dict | None = None, progress: bool | None = None,
+        stop_after: int | None = None) -> Path | None:
+    """Pretrain one experiment; returns the output folder (on rank 0).
+
+    Args:
+        token_paths: ``results/tokens/{dataset}.zarr`` of every pretrain dataset.
+        out: output folder ``results/models/{experiment}/pretrain``.
+        experiment: experiment name (for logs and the checkpoint).
+        pretraining: objective name, a key of :data:`tokenunify.objectives.OBJECTIVES`.
+        cfg: settings.
+        config_snapshot: the pipeline config, stored in the checkpoint.
+        stop_after: stop (without finishing) after this step, as a crash would; for tests.
+    """
+    if pretraining not in OBJECTIVES:
+        raise ValueError(f"unknown pretraining {pretraining!r}; known: {sorted(OBJECTIVES)}")
+    tasks = OBJECTIVES[pretraining]
+    di = distributed.setup()
+    if cfg.batch_size % di.world:
+        raise ValueError(f"pretrain.batch_size {cfg.batch_size} is not divisible by the "
+                         f"{di.world} processes")
+    torch.manual_seed(cfg.seed)
+    sampler = CropSampler(token_paths, cfg.dataset_weights, cfg.seed)
+    net = EMmamba(preset(cfg.model, out_channels=1))
+    model = TokenObjective(net, sampler.crop, sampler.patch, cfg.objective, tasks).to(di.device)
+    run_digest = digest({"cfg": cfg.to_dict(), "tasks": tasks, "data": [str(p) for p in
+                                                                       token_paths]})
+    stage = StagedOutput(out, run_digest) if di.is_main else None
+    distributed.barrier()
+    staging = Path(str(out) + ".partial")
+    optim = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: lr_at(s, cfg) / cfg.lr)
+    start = 0
+    last = staging / "last.pt"
+    if last.exists() and tasks:
+        state = ckpt.load(last)
+        model.load_state_dict({**{f"net.{k}": v for k, v in state["model"].items()},
+                               **state.get("heads", {})})
+        optim.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        ckpt.set_rng_state(state["rng"])
+        start = int(state["step"]) + 1
+        log.info("%s: resuming pretraining at step %d", experiment, start)
+    ddp = model
+    if di.world > 1 and tasks:
+        ddp = nn.parallel.DistributedDataParallel(
+            model, device_ids=[di.device.index] if di.device.type == "cuda" else None)
+    use_scaler = di.device.type == "cuda" and cfg.precision == "fp16"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+    metrics_path = staging / "metrics.jsonl"
+    if di.is_main:
+        _truncate_metrics(metrics_path, start)
+    local = cfg.batch_size // di.world
+    K = model.K
+    steps = cfg.steps if tasks else 0
+
+    def save_checkpoint(step: int, final: bool = False) -> None:
+        if not di.is_main:
+            return
+        heads = {k: v for k, v in model.state_dict().items() if not k.startswith("net.")}
+        ckpt.save({"model": net.state_dict(), "heads": heads, "model_config": net.config.to_dict(),
+                   "optimizer": optim.state_dict(), "scheduler": sched.state_dict(),
+                   "step": step, "experiment": experiment, "pretraining": pretraining,
+                   "config": {"pretrain": cfg.to_dict(), "pipeline": config_snapshot or {}},
+                   "rng": ckpt.rng_state(), "crop": list(sampler.crop),
+                   "patch": list(sampler.patch)}, staging / ("checkpoint.pt" if final else "last.pt"))
+
+    bar = tqdm(range(start, steps), desc=f"pretrain {experiment}", unit="step",
+               disable=(None if progress is None else not progress) or not di.is_main)
+    for step in bar:
+        t0 = time.perf_counter()
+        model.train()
+        xs, seeds = sampler.batch(step, cfg.batch_size)
+        sl = slice(di.rank * local, (di.rank + 1) * local)
+        x = np.stack([perturb(xi, s, cfg) for xi, s in zip(xs[sl], seeds[sl], strict=True)])
+        x = torch.from_numpy(x).to(di.device)
+        w = curriculum_weights(step / max(1, steps - 1), cfg.curriculum, tasks)
+        with _autocast(di.device, cfg.precision):
+            loss, parts = ddp(x, seeds[sl], w)
+        optim.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optim)
+        grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad))
+        scaler.step(optim)
+        scaler.update()
+        sched.step()
+        dt = time.perf_counter() - t0
+        if di.world > 1:
+            t = torch.tensor([float(loss)] + [parts[k] for k in tasks], device=di.device)
+            torch.distributed.all_reduce(t)
+            t /= di.world
+            loss_v, parts = float(t[0]), {k: float(v) for k, v in zip(tasks, t[1:], strict=True)}
+        else:
+            loss_v = float(loss)
+        if di.is_main and (step % cfg.log_every == 0 or step == steps - 1):
+            rec = {"step": step, "loss": loss_v, **{f"loss_{k}": v for k, v in parts.items()},
+                   **{f"w_{k}": v for k, v in w.items()}, "lr": sched.get_last_lr()[0],
+                   "grad_norm": grad_norm, "tokens_per_s": cfg.batch_size * K / dt}
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            bar.set_postfix(loss=f"{loss_v:.4f}")
+        if (step + 1) % cfg.checkpoint_every == 0 or step == steps - 1:
+            save_checkpoint(step)
+        if stop_after is not None and step >= stop_after:
+            distributed.teardown()
+            return None
+    save_checkpoint(max(steps - 1, 0), final=True)
+    distributed.teardown()
+    if not di.is_main:
+        return None
+    metrics_path.touch()
+    plot_losses(metrics_path, staging / "loss.png", f"pretraining: {experiment} ({pretraining})")
+    (staging / "last.pt").unlink(missing_ok=True)
+    return stage.commit()
+
+
+def _truncate_metrics(path: Path, start: int) -> None:
+    """Drop logged steps >= start (they will be redone after a resume)."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] < start]
+    path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def plot_losses(metrics: Path, png: Path, title: str) -> None:
+    """Loss curves (total and per task) from metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    lines = [json.loads(ln) for ln in metrics.read_text().splitlines() if ln]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if lines:
+        df = pd.DataFrame(lines)
+        for col in [c for c in df.columns if c.startswith("loss")]:
+            ax.plot(df["step"], df[col], label=col.removeprefix("loss_") if col != "loss"
+                    else "total (weighted)")
+        ax.set_yscale("log")
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no pretraining (random initialisation)", ha="center")
+    ax.set_xlabel("step")
+    ax.set_ylabel("MSE (normalised pixels)")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+__all__ = ["PretrainConfig", "run", "lr_at", "param_groups", "CropSampler", "replace"]
