@@ -39,7 +39,7 @@ def noise_pool(chunks, n: int, rng: np.random.Generator) -> list[np.ndarray]:
 
     pool = []
     for _ in range(n):
-        f = gaussian_filter(rng.standard_normal(chunks, dtype=np.float32), (0.6, 1.2, 1.2))
+        f = gaussian_filter(rng.standard_normal(chunks, dtype=np.float32), (1.0, 2.0, 2.0))
         f *= 100.0 / (6 * f.std())  # +-3 sigma -> +-50
         pool.append(f)
     return pool

@@ -18,6 +18,7 @@ blocks already written, and the finished group is renamed into place only when c
 from __future__ import annotations
 
 import logging
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -32,15 +33,34 @@ from tokenunify.io.zarrio import StagedOutput, blocks, create_volume, provenance
 log = logging.getLogger(__name__)
 
 
+def bounded_map(fn, items, workers: int):
+    """Like ``ThreadPoolExecutor.map`` but with at most 2 x workers blocks in flight, so memory
+    does not grow with the number of blocks. Results come in order; the first error is raised
+    after the blocks in flight finish, and no further block is started."""
+    with ThreadPoolExecutor(workers) as pool:
+        pending: deque = deque()
+        try:
+            for item in items:
+                pending.append(pool.submit(fn, item))
+                if len(pending) >= 2 * workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for f in pending:
+                f.cancel()
+
+
 def intensity_range(vol: Volume, block, workers: int = 1) -> tuple[float, float]:
     """Streaming (min, max) of a volume, block by block (bounded memory)."""
     def one(box):
         a = vol.read(box)
         return float(a.min()), float(a.max())
 
-    with ThreadPoolExecutor(workers) as pool:
-        res = list(pool.map(one, (box for _, box in blocks(vol.shape, block))))
-    return min(r[0] for r in res), max(r[1] for r in res)
+    lo, hi = np.inf, -np.inf
+    for a, b in bounded_map(one, (box for _, box in blocks(vol.shape, block)), workers):
+        lo, hi = min(lo, a), max(hi, b)
+    return lo, hi
 
 
 def to_uint8(a: np.ndarray, lo: float, hi: float) -> np.ndarray:
@@ -124,11 +144,11 @@ def run(spec: DatasetSpec, out: str | Path, cfg: DownloadConfig = DownloadConfig
                                  "mapping": spec.labels.mapping.key if table is not None
                                  else None, "provenance": prov})
 
-    todo = [(i, box) for i, box in blocks(shape, block) if not stage.is_done("block", i)]
     n_total = sum(1 for _ in blocks(shape, block))
-    if len(todo) < n_total:
-        log.info("%s: %d of %d blocks already written, resuming", spec.name,
-                 n_total - len(todo), n_total)
+    n_done = sum(1 for i, _ in blocks(shape, block) if stage.is_done("block", i))
+    if n_done:
+        log.info("%s: %d of %d blocks already written, resuming", spec.name, n_done, n_total)
+    todo = ((i, box) for i, box in blocks(shape, block) if not stage.is_done("block", i))
 
     def copy_block(item):
         idx, box = item
@@ -137,11 +157,9 @@ def run(spec: DatasetSpec, out: str | Path, cfg: DownloadConfig = DownloadConfig
             lab_out[box] = conv(labels.read(box))
         stage.mark_done("block", idx)
 
-    with ThreadPoolExecutor(cfg.workers) as pool, tqdm(
-        total=n_total, initial=n_total - len(todo), desc=f"download {spec.name}", unit="block",
-        disable=None if progress is None else not progress,
-    ) as bar:
-        for _ in pool.map(copy_block, todo):
+    with tqdm(total=n_total, initial=n_done, desc=f"download {spec.name}",
+              unit="block", disable=None if progress is None else not progress) as bar:
+        for _ in bounded_map(copy_block, todo, cfg.workers):
             bar.update()
 
     root.attrs.update({"dataset": spec.name, "roles": list(spec.roles), "spec": spec_dict,

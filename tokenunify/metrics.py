@@ -63,10 +63,12 @@ class Scores:
         return asdict(self)
 
 
-def _compact(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(compact ids 0..k-1, original id of each compact id)."""
-    ren, mapping = fastremap.renumber(a, start=0, preserve_zero=False, in_place=False)
-    inv = np.empty(len(mapping), np.uint64)
+def _compact(a: np.ndarray, keep_zero: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(compact ids, original id of each compact id); with keep_zero, 0 stays compact id 0."""
+    ren, mapping = fastremap.renumber(a, start=1 if keep_zero else 0, preserve_zero=keep_zero,
+                                      in_place=False)
+    n = int(max(mapping.values(), default=0)) + 1
+    inv = np.zeros(n, np.uint64)
     inv[np.fromiter(mapping.values(), np.int64, len(mapping))] = np.fromiter(
         mapping.keys(), np.uint64, len(mapping))
     return ren, inv
@@ -75,30 +77,38 @@ def _compact(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def contingency(gt: np.ndarray, seg: np.ndarray, ignore: Iterable[int] = (0,)) -> Contingency:
     """Contingency table of two label arrays of equal shape (any integer dtype).
 
-    Voxels whose gt label is in ``ignore`` are left out.
+    Voxels whose gt label is in ``ignore`` are left out. With the default ``ignore=(0,)`` no
+    voxel is copied out: gt id 0 keeps compact id 0 and its row is dropped from the counts.
     """
     if gt.shape != seg.shape:
         raise ValueError(f"gt shape {gt.shape} and seg shape {seg.shape} differ")
     g = np.ascontiguousarray(gt).ravel()
     s = np.ascontiguousarray(seg).ravel()
     ignore = tuple(ignore)
-    if ignore:
-        keep = g != ignore[0] if len(ignore) == 1 else ~np.isin(g, ignore)
-        if not keep.all():
-            g, s = g[keep], s[keep]
+    drop_zero = ignore == (0,)
+    if ignore and not drop_zero:
+        keep = ~np.isin(g, ignore)
+        g, s = g[keep], s[keep]
     empty = np.zeros(0, np.uint64)
     if g.size == 0:
         return Contingency(empty, empty.copy(), np.zeros(0, np.int64))
-    gc, ginv = _compact(g)
+    gc, ginv = _compact(g, keep_zero=drop_zero)
     sc, sinv = _compact(s)
     ns = len(sinv)
-    code = gc.astype(np.int64) * ns + sc.astype(np.int64)
+    code = gc.astype(np.int64)
+    code *= ns
+    code += sc
     if len(ginv) * ns <= 4 * code.size:
         counts = np.bincount(code, minlength=len(ginv) * ns)
+        if drop_zero:
+            counts[:ns] = 0  # gt id 0 is compact id 0: its row is ignored
         code = np.flatnonzero(counts)
         counts = counts[code]
     else:
         code, counts = np.unique(code, return_counts=True)
+        if drop_zero:
+            nz = code >= ns
+            code, counts = code[nz], counts[nz]
     return Contingency(ginv[code // ns], sinv[code % ns], counts.astype(np.int64))
 
 

@@ -14,9 +14,11 @@ A crop of ``crop`` voxels holds ``prod(crop / patch)`` tokens of ``prod(patch)``
 ordered z, then y, then x (:func:`patchify`). Tokens of crop i are
 ``patchify((crops[i] - mean[i]) / std[i], patch)``.
 
-Two Dask passes over the zarr volume: (1) per-crop statistics, in exact integer arithmetic,
-(2) writing the kept crops. Integer sums make the statistics, and hence the output, bit-identical
-whatever the Dask chunking, scheduler or worker count. Crops are dropped when mostly zero
+Two Dask passes over the zarr volume, each a set of tasks that read one tile of crops with a
+single zarr read: (1) per-crop statistics, in exact integer arithmetic, (2) writing the kept
+crops, each into its own zarr chunk (so no two tasks ever write one chunk). Every crop's numbers
+are computed from that crop's voxels alone, in integers, so the output is bit-identical whatever
+the tile size (``chunks``), scheduler or worker count. Crops are dropped when mostly zero
 (padding, zero fill), flat (empty), or holding defective (blank or zero-filled) sections.
 """
 
@@ -28,13 +30,12 @@ import tempfile
 from pathlib import Path
 
 import dask
-import dask.array as da
 import numpy as np
 import pandas as pd
 import zarr
 
 from tokenunify.config import TokenizeConfig, digest
-from tokenunify.io.zarrio import StagedOutput, provenance, store_dask
+from tokenunify.io.zarrio import StagedOutput, provenance
 
 log = logging.getLogger(__name__)
 
@@ -74,18 +75,44 @@ def unpatchify(tokens: np.ndarray, crop, patch) -> np.ndarray:
 
 def crop_stats(a: np.ndarray, min_section_std: float) -> np.ndarray:
     """Exact integer statistics of one uint8 crop (z, y, x), in STAT_FIELDS order."""
-    v = a.astype(np.int64).reshape(a.shape[0], -1)
-    s, sq = v.sum(1), (v * v).sum(1)
-    n_sec = v.shape[1]
-    sec_var = (sq * n_sec - s * s) / float(n_sec) ** 2
-    zeros_sec = (v == 0).sum(1)
-    defective = (np.sqrt(np.maximum(sec_var, 0)) < min_section_std) | (zeros_sec > n_sec // 2)
-    return np.array([s.sum(), sq.sum(), v.size, v.min(), v.max(), zeros_sec.sum(),
+    s = a.sum(axis=(1, 2), dtype=np.int64)
+    sq = np.square(a, dtype=np.uint32).sum(axis=(1, 2), dtype=np.int64)
+    n_sec = a.shape[1] * a.shape[2]
+    mean = s / n_sec
+    sec_std = np.sqrt(np.maximum(sq / n_sec - mean * mean, 0.0))
+    zeros_sec = n_sec - np.count_nonzero(a.reshape(a.shape[0], -1), axis=1)
+    defective = (sec_std < min_section_std) | (zeros_sec > n_sec // 2)
+    return np.array([s.sum(), sq.sum(), a.size, a.min(), a.max(), zeros_sec.sum(),
                      defective.sum()], np.int64)
 
 
-def _batch_stats(min_section_std, *crops):
-    return np.stack([crop_stats(c, min_section_std) for c in crops])
+def _tiles(pos: np.ndarray, crop, tile) -> list[np.ndarray]:
+    """Group crop indices by the tile (``tile`` voxels) their start falls in."""
+    key = pos // np.asarray(tile)
+    _, inverse = np.unique(key, axis=0, return_inverse=True)
+    return [np.flatnonzero(inverse.ravel() == t) for t in range(inverse.max() + 1)]
+
+
+def _read_tile(src, pos: np.ndarray, crop):
+    """One zarr read covering every crop of a tile: (region array, region start)."""
+    lo = pos.min(0)
+    hi = pos.max(0) + np.asarray(crop)
+    return np.asarray(src[tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))]), lo
+
+
+def _tile_stats(src, pos, crop, min_section_std) -> np.ndarray:
+    region, lo = _read_tile(src, pos, crop)
+    cz, cy, cx = crop
+    return np.stack([crop_stats(region[z:z + cz, y:y + cy, x:x + cx], min_section_std)
+                     for z, y, x in pos - lo])
+
+
+def _tile_write(src, dst, pos, out_index, crop) -> int:
+    region, lo = _read_tile(src, pos, crop)
+    cz, cy, cx = crop
+    for (z, y, x), i in zip(pos - lo, out_index, strict=True):
+        dst[int(i)] = region[z:z + cz, y:y + cy, x:x + cx]
+    return len(pos)
 
 
 def _mean_std(s: np.ndarray, sq: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -96,36 +123,36 @@ def _mean_std(s: np.ndarray, sq: np.ndarray, n: np.ndarray) -> tuple[np.ndarray,
 
 
 def run(volume: str | Path, out: str | Path, manifest: str | Path,
-        cfg: TokenizeConfig = TokenizeConfig(), array: str = "raw",
-        batch: int = 16) -> pd.DataFrame:
+        cfg: TokenizeConfig = TokenizeConfig(), array: str = "raw") -> pd.DataFrame:
     """Tokenize the ``array`` of a downloaded zarr group; returns the manifest.
 
     Args:
         volume: ``results/data/{dataset}.zarr``.
         out: ``results/tokens/{dataset}.zarr``.
         manifest: ``results/tokens/{dataset}.manifest.parquet``.
-        cfg: crop/patch sizes in voxels (z, y, x), filters, Dask settings.
+        cfg: crop/patch sizes in voxels (z, y, x), filters, Dask settings. ``cfg.chunks`` is
+            the tile of one Dask task (voxels); default one crop deep and 8 x 8 crops wide.
         array: which array of the group to read.
-        batch: crops per Dask task in the statistics pass.
     """
     src = zarr.open_group(str(volume), mode="r")[array]
     shape = src.shape
-    chunks = cfg.chunks or src.chunks
-    vol = da.from_zarr(src, chunks=chunks)
     pos = crop_positions(shape, cfg.crop, cfg.stride, cfg.cover_edges)
     if len(pos) == 0:
         raise ValueError(f"{volume}: volume shape {list(shape)} is smaller than tokenize.crop "
                          f"{list(cfg.crop)}")
     cz, cy, cx = cfg.crop
-    slices = [(slice(z, z + cz), slice(y, y + cy), slice(x, x + cx)) for z, y, x in pos]
+    tile = cfg.chunks or (cz, 8 * cy, 8 * cx)
+    groups = _tiles(pos, cfg.crop, tile)
     sched = {"scheduler": cfg.scheduler}
     if cfg.scheduler != "synchronous":
         sched["num_workers"] = cfg.workers
 
-    # Pass 1: exact per-crop statistics.
-    tasks = [dask.delayed(_batch_stats)(cfg.min_section_std, *[vol[s] for s in slices[i:i + batch]])
-             for i in range(0, len(slices), batch)]
-    stats = np.concatenate(dask.compute(*tasks, **sched), axis=0)
+    # Pass 1: exact per-crop statistics, one task per tile.
+    tasks = [dask.delayed(_tile_stats)(src, pos[g], cfg.crop, cfg.min_section_std)
+             for g in groups]
+    stats = np.empty((len(pos), len(STAT_FIELDS)), np.int64)
+    for g, st in zip(groups, dask.compute(*tasks, **sched), strict=True):
+        stats[g] = st
     df = pd.DataFrame(stats, columns=list(STAT_FIELDS))
     df.insert(0, "z", pos[:, 0])
     df.insert(1, "y", pos[:, 1])
@@ -156,17 +183,22 @@ def run(volume: str | Path, out: str | Path, manifest: str | Path,
         norm_mean, norm_std = mean[kept], std[kept]
     norm_std = np.maximum(norm_std, 1e-6)
 
-    # Pass 2: write kept crops, one zarr chunk per crop (aligned by construction and checked).
+    # Pass 2: write the kept crops, one task per tile.
     dig = digest({"cfg": cfg.__dict__, "array": array, "source": str(volume)})
     stage = StagedOutput(out, dig)
     root = zarr.open_group(str(stage.path), mode="a", zarr_format=3)
     spatial = dict(src.attrs)
+    # One zarr chunk per crop: tasks write disjoint chunks, training reads a crop in one read.
     crops = root.create_array("crops", shape=(len(kept), cz, cy, cx), chunks=(1, cz, cy, cx),
                               dtype=np.uint8, fill_value=0,
                               compressors=zarr.codecs.BloscCodec(cname="zstd", clevel=3),
                               dimension_names=["crop", "z", "y", "x"], overwrite=True)
-    stacked = da.stack([vol[slices[i]] for i in kept]).rechunk((1, cz, cy, cx))
-    store_dask(stacked, crops, **sched)
+    out_index = np.full(len(pos), -1)
+    out_index[kept] = np.arange(len(kept))
+    writes = [dask.delayed(_tile_write)(src, crops, pos[g[out_index[g] >= 0]],
+                                        out_index[g[out_index[g] >= 0]], cfg.crop)
+              for g in groups if (out_index[g] >= 0).any()]
+    dask.compute(*writes, **sched)
     for name, val in (("mean", norm_mean.astype(np.float32)), ("std", norm_std.astype(np.float32)),
                       ("position", pos[kept])):
         root.create_array(name, data=val, chunks=val.shape, overwrite=True)
