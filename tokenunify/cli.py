@@ -26,7 +26,7 @@ from tokenunify.config import (
 from tokenunify.io.sources import SourceError
 
 log = logging.getLogger("tokenunify")
-PENDING = ("pretrain", "finetune", "infer", "agglomerate", "evaluate", "report")
+PENDING = ("finetune", "infer", "agglomerate", "evaluate", "report")
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -81,6 +81,29 @@ def cmd_tokenize(args) -> None:
     tokenize.run(args.volume, args.out, args.manifest, dataclasses.replace(tk, workers=args.workers))
 
 
+def cmd_pretrain(args) -> None:
+    from tokenunify.train import distributed
+    from tokenunify.train.pretrain import PretrainConfig, run
+
+    cfg, spec = _stage_config(args, "pretrain")
+    if cfg is not None:
+        if args.experiment not in cfg.experiments:
+            raise ConfigError(f"experiment {args.experiment!r} is not declared; declared: "
+                              f"{sorted(cfg.experiments)}")
+        exp, pre, snapshot = cfg.experiments[args.experiment], cfg.pretrain, cfg.raw
+    else:
+        exp, pre, snapshot = spec["experiment"], spec["pretrain"], spec
+    pcfg = PretrainConfig.from_dict(pre)
+    nproc = args.nproc or pcfg.nproc
+    if nproc > 1 and not distributed.in_torchrun():
+        argv = [a for a in sys.argv[1:]]
+        code = distributed.launch_local(nproc, argv)
+        if code:
+            raise RuntimeError(f"torchrun failed with exit code {code}")
+        return
+    run(args.tokens, args.out, args.experiment, exp["pretraining"], pcfg, snapshot)
+
+
 def cmd_check(args) -> None:
     cfg = load_config(args.config, deep=True)
     log.info("config OK: %d datasets (%s), experiments %s", len(cfg.datasets),
@@ -122,6 +145,16 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp)
     sp.set_defaults(func=cmd_tokenize)
 
+    sp = sub.add_parser("pretrain", help="pretrain one experiment on tokenized crops")
+    sp.add_argument("experiment")
+    sp.add_argument("--tokens", nargs="+", required=True, help="results/tokens/NAME.zarr ...")
+    sp.add_argument("--out", required=True, help="output folder results/models/EXP/pretrain")
+    sp.add_argument("--nproc", type=int, default=None,
+                    help="local torchrun processes (default: pretrain.nproc)")
+    sp.add_argument("--config", help="pipeline config YAML (config/config.yaml)")
+    sp.add_argument("--spec", help="stage settings as JSON (what the rules pass)")
+    sp.set_defaults(func=cmd_pretrain)
+
     for stage in PENDING:
         sp = sub.add_parser(stage, help=f"{stage} stage (not implemented yet)")
         sp.set_defaults(func=lambda a: (_ for _ in ()).throw(
@@ -134,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
     try:
         args.func(args)
-    except (ConfigError, SourceError, NotImplementedError, ValueError, OSError) as exc:
+    except (ConfigError, SourceError, NotImplementedError, ValueError, OSError,
+            RuntimeError) as exc:
         log.error("%s", exc)
         return 2
     return 0

@@ -249,6 +249,7 @@ class PipelineConfig:
     experiments: dict[str, dict]
     download: DownloadConfig
     tokenize: TokenizeConfig
+    pretrain: dict = field(default_factory=dict)
     raw: dict = field(repr=False, default_factory=dict)
 
     @classmethod
@@ -260,6 +261,7 @@ class PipelineConfig:
             download=DownloadConfig(**{k: tuple(v) if isinstance(v, list) else v
                                        for k, v in config["download"].items()}),
             tokenize=TokenizeConfig.from_dict(config["tokenize"]),
+            pretrain=config["pretrain"],
             raw=config,
         )
 

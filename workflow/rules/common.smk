@@ -14,10 +14,13 @@ except ConfigError as exc:
     raise WorkflowError(f"config error: {exc}") from None
 
 DATASETS = sorted(config["datasets"])
+EXPERIMENTS = sorted(config["experiments"])
+PRETRAIN_DATASETS = [d for d in DATASETS if "pretrain" in config["datasets"][d]["roles"]]
 
 
 wildcard_constraints:
     dataset="|".join(re.escape(d) for d in DATASETS),
+    experiment="|".join(re.escape(e) for e in EXPERIMENTS),
 
 
 def download_spec(wildcards):
@@ -36,6 +39,22 @@ def tokenize_spec(wildcards):
     return json.dumps({"tokenize": config["tokenize"]}, sort_keys=True)
 
 
+def pretrain_tokens(wildcards):
+    """Token stores of every dataset with role pretrain."""
+    return expand("results/tokens/{dataset}.zarr", dataset=PRETRAIN_DATASETS)
+
+
+def pretrain_spec(wildcards):
+    """JSON settings of one experiment's pretraining."""
+    return json.dumps(
+        {
+            "experiment": config["experiments"][wildcards.experiment],
+            "pretrain": config["pretrain"],
+        },
+        sort_keys=True,
+    )
+
+
 def final_outputs():
     """Everything the stages implemented so far produce, for every declared dataset."""
     return expand(
@@ -45,4 +64,4 @@ def final_outputs():
             "results/tokens/{dataset}.manifest.parquet",
         ],
         dataset=DATASETS,
-    )
+    ) + expand("results/models/{experiment}/pretrain", experiment=EXPERIMENTS)
