@@ -83,7 +83,7 @@ def test_deep_checks(tmp_path):
         d = {"raw": {"source": str(tmp_path / "a.h5"), "key": "raw"}, "voxel_size": [40, 4, 4],
              "roles": ["pretrain"]}
         d.update(ds)
-        return {"datasets": {"x": d}}
+        return {"datasets": {"x": d}, "experiments": {"none": {"pretraining": "none"}}}
 
     check_config(cfg())
     cases = [
@@ -101,6 +101,18 @@ def test_deep_checks(tmp_path):
         with pytest.raises(ConfigError) as e:
             check_config(c)
         assert msg in str(e.value)
+
+
+def test_pretraining_needs_pretrain_data_and_a_crop_divisible_by_16():
+    cfg = base()
+    with pytest.raises(ConfigError, match="no dataset has role 'pretrain'"):
+        check_config(cfg)
+    cfg["datasets"]["d1"]["roles"] = ["pretrain", "train"]
+    cfg["tokenize"] = {"crop": [16, 40, 40], "patch": [4, 8, 8]}
+    with pytest.raises(ConfigError, match=r"tokenize.crop \[16, 40, 40\]: EMmamba needs"):
+        check_config(cfg)
+    cfg["tokenize"]["crop"] = [16, 48, 48]
+    check_config(cfg)
 
 
 def test_yaml_is_loaded_safely(tmp_path):

@@ -20,13 +20,13 @@ from conftest import REPO
 
 pytestmark = pytest.mark.workflow
 SNAKEFILE = REPO / "workflow" / "Snakefile"
-SYN = "synthetic://em?shape=8,64,64&seed={seed}"
+SYN = "synthetic://em?shape=16,64,64&seed={seed}"
 
 
 def tiny_config(workdir: Path) -> dict:
     with h5py.File(workdir / "vol.h5", "w") as f:
-        f["raw"] = np.random.default_rng(0).integers(20, 230, (8, 64, 64), dtype=np.uint8)
-        f["labels"] = np.ones((8, 64, 64), np.uint32)
+        f["raw"] = np.random.default_rng(0).integers(20, 230, (16, 64, 64), dtype=np.uint8)
+        f["labels"] = np.ones((16, 64, 64), np.uint32)
     return {
         "datasets": {
             "pre": {"raw": {"source": SYN.format(seed=1), "key": "raw"}, "roles": ["pretrain"]},
@@ -37,8 +37,11 @@ def tiny_config(workdir: Path) -> dict:
                    "labels": {"source": "vol.h5", "key": "labels"},
                    "voxel_size": [40, 8, 8], "roles": ["validate"]},
         },
-        "download": {"block": [4, 64, 64]},
-        "tokenize": {"crop": [4, 32, 32], "patch": [2, 8, 8]},
+        "experiments": {"tokenunify": {"pretraining": "tokenunify"},
+                        "none": {"pretraining": "none"}},
+        "download": {"block": [8, 64, 64]},
+        "tokenize": {"crop": [16, 32, 32], "patch": [4, 16, 16]},
+        "pretrain": {"steps": 3, "batch_size": 2, "warmup_steps": 1, "checkpoint_every": 2},
     }
 
 
@@ -78,11 +81,17 @@ def test_workflow_produces_data_and_tokens_for_every_dataset(finished_run):
         assert g["raw"].dtype == np.uint8
         assert g["raw"].attrs["voxel_size"] == [40.0, 8.0, 8.0]
         tokens = zarr.open_group(str(workdir / "results" / "tokens" / f"{name}.zarr"), mode="r")
-        assert tokens["crops"].shape[1:] == (4, 32, 32)
+        assert tokens["crops"].shape[1:] == (16, 32, 32)
         assert (workdir / "results" / "tokens" / f"{name}.manifest.parquet").exists()
         assert (workdir / "logs" / "download" / f"{name}.log").exists()
         assert (workdir / "results" / "benchmarks" / "tokenize" / f"{name}.tsv").exists()
     assert "labels" in zarr.open_group(str(workdir / "results/data/lab.zarr"), mode="r")
+    for exp in ("tokenunify", "none"):
+        model_dir = workdir / "results" / "models" / exp / "pretrain"
+        assert (model_dir / "checkpoint.pt").exists() and (model_dir / "loss.png").exists()
+    lines = (workdir / "results/models/tokenunify/pretrain/metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3
+    assert (workdir / "results/models/none/pretrain/metrics.jsonl").read_text() == ""
     # A second run has nothing to do.
     proc = snakemake(workdir, "-n")
     assert "Nothing to be done" in proc.stdout + proc.stderr
@@ -110,9 +119,9 @@ def _bad_h5_key(cfg, wd):
 
 def _bad_shapes(cfg, wd):
     with h5py.File(wd / "other.h5", "w") as f:
-        f["labels"] = np.ones((8, 64, 65), np.uint32)
+        f["labels"] = np.ones((16, 64, 65), np.uint32)
     cfg["datasets"]["h5"]["labels"] = {"source": "other.h5", "key": "labels"}
-    return "raw shape [8, 64, 64] (z, y, x) from vol.h5 and labels shape [8, 64, 65]"
+    return "raw shape [16, 64, 64] (z, y, x) from vol.h5 and labels shape [16, 64, 65]"
 
 
 @pytest.mark.parametrize("breaker", [_bad_typo, _bad_role, _bad_missing_file, _bad_h5_key,

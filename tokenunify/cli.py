@@ -96,12 +96,29 @@ def cmd_pretrain(args) -> None:
     pcfg = PretrainConfig.from_dict(pre)
     nproc = args.nproc or pcfg.nproc
     if nproc > 1 and not distributed.in_torchrun():
-        argv = [a for a in sys.argv[1:]]
+        # Relaunch the same command under torchrun; drop --nproc (torchrun's own parser would
+        # take it for an abbreviation of its --nproc-per-node).
+        argv, skip = [], False
+        for a in sys.argv[1:]:
+            if skip:
+                skip = False
+            elif a == "--nproc":
+                skip = True
+            elif not a.startswith("--nproc="):
+                argv.append(a)
         code = distributed.launch_local(nproc, argv)
         if code:
             raise RuntimeError(f"torchrun failed with exit code {code}")
         return
     run(args.tokens, args.out, args.experiment, exp["pretraining"], pcfg, snapshot)
+
+
+def cmd_import_weights(args) -> None:
+    from tokenunify.model.emmamba import preset
+    from tokenunify.train.weights import import_official
+
+    rep = import_official(args.src, args.out, preset(args.preset, out_channels=args.out_channels))
+    print(rep.summary())
 
 
 def cmd_check(args) -> None:
@@ -155,6 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--spec", help="stage settings as JSON (what the rules pass)")
     sp.set_defaults(func=cmd_pretrain)
 
+    sp = sub.add_parser("import-weights", help="convert an official TokenUnify checkpoint")
+    sp.add_argument("src", help="official checkpoint ({'model': state_dict}, 'module.' prefixes)")
+    sp.add_argument("--out", required=True, help="our checkpoint to write")
+    sp.add_argument("--preset", default="base", help="EMmamba preset of the weights")
+    sp.add_argument("--out-channels", type=int, default=1,
+                    help="output channels of the model (1 pretraining, 3 affinities)")
+    sp.set_defaults(func=cmd_import_weights)
+
     for stage in PENDING:
         sp = sub.add_parser(stage, help=f"{stage} stage (not implemented yet)")
         sp.set_defaults(func=lambda a: (_ for _ in ()).throw(
@@ -167,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
     try:
         args.func(args)
+    # CheckpointError is a ValueError (not imported here: it would load torch for every stage)
     except (ConfigError, SourceError, NotImplementedError, ValueError, OSError,
             RuntimeError) as exc:
         log.error("%s", exc)

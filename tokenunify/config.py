@@ -334,6 +334,14 @@ def check_dataset(spec: DatasetSpec) -> None:
 def check_config(config: dict) -> PipelineConfig:
     """Validate against the schema, then deep-check every dataset. Returns the typed config."""
     cfg = PipelineConfig.from_dict(config)
+    pretraining = sorted(n for n, e in cfg.experiments.items() if e["pretraining"] != "none")
+    if pretraining:
+        if not any("pretrain" in d.roles for d in cfg.datasets.values()):
+            raise ConfigError(f"experiments {pretraining} pretrain, but no dataset has role "
+                              "'pretrain' (datasets.NAME.roles)")
+        if any(c % 16 for c in cfg.tokenize.crop):
+            raise ConfigError(f"tokenize.crop {list(cfg.tokenize.crop)}: EMmamba needs every "
+                              "axis divisible by 16")
     for spec in cfg.datasets.values():
         check_dataset(spec)
     return cfg

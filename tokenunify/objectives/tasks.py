@@ -171,7 +171,10 @@ class TokenObjective(nn.Module):
                 b = torch.arange(x.shape[0], device=x.device)
                 losses["next"] = ((dense[b, idx] - tgt[b, idx]) ** 2).mean()
             if "next_all" in self.tasks:
-                later = rank[None, :] >= k[:, None]
-                losses["next_all"] = ((all_pred - tgt) ** 2).mean(-1)[later].mean()
+                later = (rank[None, :] >= k[:, None]).float()
+                per_token = ((all_pred - tgt) ** 2).mean(-1)
+                # mean over each sample's later tokens, then over samples (so that DDP's
+                # average over equal per-rank batches equals the global-batch loss)
+                losses["next_all"] = ((per_token * later).sum(1) / later.sum(1)).mean()
         total = sum(weights[t] * losses[t] for t in losses)
         return total, {t: float(v.detach()) for t, v in losses.items()}

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -169,7 +170,11 @@ def run(token_paths: list[str | Path], out: str | Path, experiment: str, pretrai
         cfg: settings.
         config_snapshot: the pipeline config, stored in the checkpoint.
         stop_after: stop (without finishing) after this step, as a crash would; for tests.
+
+    Setting ``TOKENUNIFY_DUMP_GRADS=path`` saves the (all-reduced, clipped) gradients of the first
+    step to ``path``: a diagnostic for comparing runs across process counts.
     """
+    dump_grads = os.environ.get("TOKENUNIFY_DUMP_GRADS")
     if pretraining not in OBJECTIVES:
         raise ValueError(f"unknown pretraining {pretraining!r}; known: {sorted(OBJECTIVES)}")
     tasks = OBJECTIVES[pretraining]
@@ -239,17 +244,20 @@ def run(token_paths: list[str | Path], out: str | Path, experiment: str, pretrai
         scaler.scale(loss).backward()
         scaler.unscale_(optim)
         grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad))
+        if dump_grads and step == start and di.is_main:  # diagnostic: gradients after all-reduce
+            ckpt.save({n: p.grad.detach().clone() for n, p in model.named_parameters()
+                       if p.grad is not None}, dump_grads)
         scaler.step(optim)
         scaler.update()
         sched.step()
         dt = time.perf_counter() - t0
         if di.world > 1:
-            t = torch.tensor([float(loss)] + [parts[k] for k in tasks], device=di.device)
+            t = torch.tensor([float(loss.detach())] + [parts[k] for k in tasks], device=di.device)
             torch.distributed.all_reduce(t)
             t /= di.world
             loss_v, parts = float(t[0]), {k: float(v) for k, v in zip(tasks, t[1:], strict=True)}
         else:
-            loss_v = float(loss)
+            loss_v = float(loss.detach())
         if di.is_main and (step % cfg.log_every == 0 or step == steps - 1):
             rec = {"step": step, "loss": loss_v, **{f"loss_{k}": v for k, v in parts.items()},
                    **{f"w_{k}": v for k, v in w.items()}, "lr": sched.get_last_lr()[0],
