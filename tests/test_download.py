@@ -116,7 +116,7 @@ datasets:
       key: stack
       mapping: {{key: transforms}}
     voxel_size: [10, 10, 10]
-    roles: [train, test]
+    roles: [pretrain, train, test]
 """)
     cfg = load_config(cfg_file)
     out = download.run(cfg.datasets["neuroproof"], tmp_path / "np.zarr",
