@@ -29,6 +29,26 @@ import torch.nn.functional as F
 from tokenunify.model.scan import selective_scan_fn
 
 BRANCHES = ("", "_b", "_s")
+_CAUSAL_CONV = None  # causal_conv1d_fn once imported, False when unavailable
+
+
+def causal_conv_silu(x: torch.Tensor, conv: nn.Conv1d, backend: str = "auto") -> torch.Tensor:
+    """SiLU(causal depthwise conv(x)) on (B, E, L): the ``causal_conv1d`` CUDA kernel when the
+    tensor is on CUDA and it imports (checked at call time), else ``nn.Conv1d`` + crop."""
+    global _CAUSAL_CONV
+    if x.is_cuda and backend != "torch":
+        if _CAUSAL_CONV is None:
+            try:
+                from causal_conv1d import causal_conv1d_fn
+                _CAUSAL_CONV = causal_conv1d_fn
+            except (ImportError, RuntimeError, OSError):
+                _CAUSAL_CONV = False
+        if _CAUSAL_CONV:
+            try:
+                return _CAUSAL_CONV(x, conv.weight.squeeze(1), conv.bias, activation="silu")
+            except RuntimeError:
+                pass
+    return F.silu(conv(x)[..., : x.shape[-1]])
 
 
 class MambaV3(nn.Module):
@@ -74,9 +94,7 @@ class MambaV3(nn.Module):
 
     def _branch(self, x: torch.Tensor, z: torch.Tensor, sfx: str) -> torch.Tensor:
         """One selective-scan branch on (B, E, L) inputs already in its order."""
-        L = x.shape[-1]
-        conv = getattr(self, f"conv1d{sfx}")
-        x = F.silu(conv(x)[..., :L])
+        x = causal_conv_silu(x, getattr(self, f"conv1d{sfx}"), self.backend)
         x_dbl = F.linear(x.transpose(1, 2), getattr(self, f"x_proj{sfx}").weight)  # (B, L, R+2N)
         dt, Bm, Cm = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt_proj = getattr(self, f"dt_proj{sfx}")

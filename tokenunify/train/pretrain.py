@@ -228,8 +228,9 @@ def run(token_paths: list[str | Path], out: str | Path, experiment: str, pretrai
                    "rng": ckpt.rng_state(), "crop": list(sampler.crop),
                    "patch": list(sampler.patch)}, staging / ("checkpoint.pt" if final else "last.pt"))
 
-    bar = tqdm(range(start, steps), desc=f"pretrain {experiment}", unit="step",
-               disable=(None if progress is None else not progress) or not di.is_main)
+    # disable=None: a bar on terminals only (not in Snakemake's log files), rank 0 only
+    quiet = True if not di.is_main else (None if progress is None else not progress)
+    bar = tqdm(range(start, steps), desc=f"pretrain {experiment}", unit="step", disable=quiet)
     for step in bar:
         t0 = time.perf_counter()
         model.train()
