@@ -117,8 +117,13 @@ def cmd_import_weights(args) -> None:
     from tokenunify.model.emmamba import preset
     from tokenunify.train.weights import import_official
 
-    rep = import_official(args.src, args.out, preset(args.preset, out_channels=args.out_channels))
-    print(rep.summary())
+    import_official(args.src, args.out, preset(args.preset, out_channels=args.out_channels))
+
+
+def cmd_preview(args) -> None:
+    from tokenunify.data.preview import save_preview
+
+    save_preview(args.out, args.real)
 
 
 def cmd_check(args) -> None:
@@ -126,6 +131,10 @@ def cmd_check(args) -> None:
     log.info("config OK: %d datasets (%s), experiments %s", len(cfg.datasets),
              ", ".join(f"{n}: {'/'.join(d.roles)}" for n, d in cfg.datasets.items()),
              sorted(cfg.experiments))
+
+
+def _not_implemented(args) -> None:
+    raise NotImplementedError(f"the '{args.stage}' stage is not implemented yet")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,8 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("preview", help="PNG of synthetic sections beside real EM sections")
     sp.add_argument("--out", default="synthetic_preview.png")
     sp.add_argument("--real", default="../shared/data", help="folder with the real datasets")
-    sp.set_defaults(func=lambda a: __import__("tokenunify.data.preview", fromlist=["x"])
-                    .save_preview(a.out, a.real))
+    sp.set_defaults(func=cmd_preview)
 
     sp = sub.add_parser("download", help="copy a declared dataset into results/data/NAME.zarr")
     sp.add_argument("dataset")
@@ -182,8 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for stage in PENDING:
         sp = sub.add_parser(stage, help=f"{stage} stage (not implemented yet)")
-        sp.set_defaults(func=lambda a: (_ for _ in ()).throw(
-            NotImplementedError(f"the '{a.stage}' stage is not implemented yet")))
+        sp.set_defaults(func=_not_implemented)
     return p
 
 

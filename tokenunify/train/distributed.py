@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -73,4 +72,4 @@ def in_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-__all__ = ["DistInfo", "setup", "teardown", "barrier", "launch_local", "in_torchrun", "sys"]
+__all__ = ["DistInfo", "setup", "teardown", "barrier", "launch_local", "in_torchrun"]

@@ -19,7 +19,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -316,4 +316,4 @@ def plot_losses(metrics: Path, png: Path, title: str) -> None:
     plt.close(fig)
 
 
-__all__ = ["PretrainConfig", "run", "lr_at", "param_groups", "CropSampler", "replace"]
+__all__ = ["PretrainConfig", "run", "lr_at", "param_groups", "CropSampler"]
