@@ -26,7 +26,7 @@ from tokenunify.config import (
 from tokenunify.io.sources import SourceError
 
 log = logging.getLogger("tokenunify")
-PENDING = ("finetune", "infer", "agglomerate", "evaluate", "report")
+PENDING = ("finetune", "agglomerate", "evaluate", "report")
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -113,6 +113,17 @@ def cmd_pretrain(args) -> None:
     run(args.tokens, args.out, args.experiment, exp["pretraining"], pcfg, snapshot)
 
 
+def cmd_infer(args) -> None:
+    from tokenunify.inference import InferConfig, run
+
+    spec = json.loads(args.spec) if args.spec else {}
+    cfg = InferConfig(**{k: tuple(v) if isinstance(v, list) else v
+                         for k, v in spec.get("infer", {}).items()})
+    if args.workers:
+        cfg = dataclasses.replace(cfg, workers=args.workers)
+    run(args.volume, args.checkpoint, args.out, cfg)
+
+
 def cmd_import_weights(args) -> None:
     from tokenunify.model.emmamba import preset
     from tokenunify.train.weights import import_official
@@ -179,6 +190,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--config", help="pipeline config YAML (config/config.yaml)")
     sp.add_argument("--spec", help="stage settings as JSON (what the rules pass)")
     sp.set_defaults(func=cmd_pretrain)
+
+    sp = sub.add_parser("infer", help="blockwise affinity prediction with Dask")
+    sp.add_argument("volume", help="results/data/NAME.zarr")
+    sp.add_argument("--checkpoint", required=True, help="fine-tuned checkpoint (3 channels)")
+    sp.add_argument("--out", required=True, help="output affinities.zarr")
+    sp.add_argument("--spec", help='settings as JSON: {"infer": {...}}')
+    sp.add_argument("--workers", type=int, default=None, help="Dask worker processes")
+    sp.set_defaults(func=cmd_infer)
 
     sp = sub.add_parser("import-weights", help="convert an official TokenUnify checkpoint")
     sp.add_argument("src", help="official checkpoint ({'model': state_dict}, 'module.' prefixes)")
