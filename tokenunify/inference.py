@@ -151,8 +151,10 @@ def _predict(model, batch: np.ndarray, tta: bool) -> np.ndarray:
 
 def predict_block(raw, checkpoint, core: tuple[slice, slice, slice], cfg: InferConfig,
                   ) -> np.ndarray:
-    """Blended affinities (C, *core shape) float32 of one block core."""
-    model = load_model(checkpoint)
+    """Blended affinities (C, *core shape) float32 of one block core.
+
+    ``checkpoint`` is a checkpoint path (loaded once per process) or a model in memory."""
+    model = checkpoint if isinstance(checkpoint, torch.nn.Module) else load_model(checkpoint)
     step = tuple(w - o for w, o in zip(cfg.window, cfg.overlap, strict=True))
     weight = gaussian_weight(cfg.window, cfg.sigma_scale)
     lo = np.array([s.start for s in core])

@@ -1,0 +1,275 @@
+"""Fine-tuning stage: pretrained EMmamba -> 3-channel affinity predictor.
+
+Inputs: the experiment's pretraining checkpoint, and the downloaded volumes of the datasets with
+roles ``train`` (sampled) and ``validate`` (scored). Outputs in ``out``
+(``results/models/{experiment}/finetune``): ``checkpoint.pt`` (the best validation
+checkpoint, or the last one without validation data), ``metrics.jsonl`` (loss per step,
+validation VOI / ARAND), ``loss.png`` and ``load_report.json`` (which pretrained tensors were
+loaded, dropped for a shape mismatch, e.g. the 1-channel output conv, or missing).
+
+Targets: nearest-neighbour affinities (plus optional long-range offsets) from the labels,
+:mod:`tokenunify.affinities` convention; optionally widened label borders. Ground-truth 0 never
+connects, and the first plane of each channel (no neighbour inside the crop) has weight 0.
+Loss: class-balanced weighted MSE, sum(w * (p - t)^2) / (batch * voxels), as the official code.
+Inputs are standardised per crop like pretraining and inference
+(:func:`tokenunify.inference.normalize_windows`).
+
+Sampling and augmentation are seeded by (seed, step, sample) as in pretraining, so resume and
+DDP behave the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import zarr
+from tqdm.auto import tqdm
+
+from tokenunify import affinities
+from tokenunify.config import digest
+from tokenunify.inference import normalize_windows
+from tokenunify.io.zarrio import StagedOutput
+from tokenunify.model.emmamba import EMmamba, ModelConfig
+from tokenunify.train import checkpoint as ckpt
+from tokenunify.train import distributed
+from tokenunify.train.augment import AugmentConfig, augment
+from tokenunify.train.pretrain import _autocast, _truncate_metrics, lr_at, param_groups, plot_losses
+from tokenunify.train.weights import load_matching
+
+log = logging.getLogger(__name__)
+PARTS = {"all": ("",), "mamba": (".mamba.",), "encoder": ("vit.", "encoder"),
+         "decoder": ("decoder", "out.")}
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Fine-tuning settings (schema section ``finetune``); sizes in voxels (z, y, x)."""
+
+    crop: tuple[int, int, int] = (16, 96, 96)
+    steps: int = 100
+    batch_size: int = 2
+    lr: float = 1e-3
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = 10
+    clip_grad: float = 1.0
+    widen_border: bool = True
+    long_range: tuple[tuple[int, int, int], ...] = ()
+    part: str = "all"  # all | mamba | encoder | decoder
+    validate_every: int = 50
+    thresholds: tuple[float, ...] = (0.3, 0.5, 0.7)
+    checkpoint_every: int = 25
+    log_every: int = 1
+    seed: int = 0
+    precision: str = "auto"
+    nproc: int = 1
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self):
+        if self.part not in PARTS:
+            raise ValueError(f"finetune.part must be one of {sorted(PARTS)}, not {self.part!r}")
+        if any(c % 16 for c in self.crop):
+            raise ValueError(f"finetune.crop {list(self.crop)}: EMmamba needs multiples of 16")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FinetuneConfig:
+        d = dict(d)
+        aug = AugmentConfig(**d.pop("augment", {}))
+        for k in ("crop", "betas", "thresholds"):
+            if k in d:
+                d[k] = tuple(d[k])
+        if "long_range" in d:
+            d["long_range"] = tuple(tuple(o) for o in d["long_range"])
+        return cls(augment=aug, **d)
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(asdict(self)))
+
+    @property
+    def offsets(self) -> tuple:
+        return affinities.OFFSETS + tuple(self.long_range)
+
+
+class LabelledSampler:
+    """Deterministic random crops (raw uint8, labels uint64) from the train volumes."""
+
+    def __init__(self, volumes: list[str | Path], crop, seed: int):
+        if not volumes:
+            raise ValueError("fine-tuning needs at least one dataset with role 'train'")
+        self.groups = [zarr.open_group(str(v), mode="r") for v in volumes]
+        for v, g in zip(volumes, self.groups, strict=True):
+            if "labels" not in g:
+                raise ValueError(f"{v}: no labels array; train datasets need labels")
+            if any(s < c for s, c in zip(g["raw"].shape, crop, strict=True)):
+                raise ValueError(f"{v}: shape {list(g['raw'].shape)} is smaller than "
+                                 f"finetune.crop {list(crop)}")
+        sizes = np.array([np.prod(g["raw"].shape) for g in self.groups], float)
+        self.p = sizes / sizes.sum()
+        self.crop, self.seed = tuple(crop), seed
+
+    def batch(self, step: int, size: int):
+        rng = np.random.default_rng([self.seed, step])
+        out = []
+        for i in range(size):
+            g = self.groups[int(rng.choice(len(self.groups), p=self.p))]
+            start = [int(rng.integers(0, s - c + 1)) for s, c in zip(g["raw"].shape, self.crop,
+                                                                   strict=True)]
+            box = tuple(slice(a, a + c) for a, c in zip(start, self.crop, strict=True))
+            out.append((np.asarray(g["raw"][box]), np.asarray(g["labels"][box]),
+                        self.seed * 1_000_003 + step * size + i))
+        return out
+
+
+def make_sample(raw: np.ndarray, labels: np.ndarray, seed: int, cfg: FinetuneConfig):
+    """(input (1, Z, Y, X), target (C, Z, Y, X), weight (C, Z, Y, X)) of one crop."""
+    rng = np.random.default_rng([seed, 11])
+    r, lab = augment(raw.astype(np.float32) / 255.0, labels, rng, cfg.augment)
+    if cfg.widen_border:
+        lab = affinities.widen_borders(lab)
+    aff = affinities.seg_to_affinities(lab, cfg.offsets)
+    mask = affinities.affinity_mask(lab.shape, cfg.offsets)
+    weight = affinities.class_balanced_weights(aff, mask)
+    x = normalize_windows(np.rint(r * 255.0)[None])[0]
+    return x[None], aff, weight
+
+
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """sum(w (p - t)^2) / (batch * voxels): the official WeightedMSE (channels not averaged)."""
+    return (weight * (pred - target) ** 2).sum() / (pred.shape[0] * pred[0, 0].numel())
+
+
+def set_trainable(model: nn.Module, part: str) -> int:
+    """Freeze everything but ``part``; returns the number of trainable parameters."""
+    keys = PARTS[part]
+    n = 0
+    for name, p in model.named_parameters():
+        p.requires_grad = any(k in name for k in keys)
+        n += p.numel() if p.requires_grad else 0
+    return n
+
+
+def validate(model: EMmamba, volumes: list[str | Path], cfg: FinetuneConfig) -> dict:
+    """Whole-volume prediction (the inference path, one block), waterz agglomeration over the
+    thresholds, and VOI / ARAND against the labels (best threshold, mean over volumes)."""
+    import waterz
+
+    from tokenunify import metrics
+    from tokenunify.inference import InferConfig, predict_block
+
+    was_training = model.training
+    model.eval()
+    results = []
+    for v in volumes:
+        g = zarr.open_group(str(v), mode="r")
+        raw, labels = g["raw"], np.asarray(g["labels"][:])
+        win = tuple(min(c, s) if s % 16 == 0 else c for c, s in zip(cfg.crop, raw.shape,
+                                                                      strict=True))
+        icfg = InferConfig(window=win, overlap=tuple(w // 2 for w in win), batch_size=2)
+        core = tuple(slice(0, s) for s in raw.shape)
+        aff = predict_block(raw, model, core, icfg)[:3]
+        best = None
+        for t, seg in zip(cfg.thresholds, waterz.agglomerate(np.ascontiguousarray(aff),
+                                                             list(cfg.thresholds)), strict=True):
+            s = metrics.evaluate(labels, seg.astype(np.uint64))
+            if best is None or s.voi < best[1].voi:
+                best = (t, s)
+        results.append(best)
+    model.train(was_training)
+    return {"val_voi": float(np.mean([s.voi for _, s in results])),
+            "val_arand": float(np.mean([s.arand for _, s in results])),
+            "val_threshold": [t for t, _ in results]}
+
+
+def run(pretrained: str | Path, train_volumes: list, val_volumes: list, out: str | Path,
+        experiment: str, cfg: FinetuneConfig, progress: bool | None = None) -> Path | None:
+    """Fine-tune one experiment's pretrained network; returns the output folder (rank 0)."""
+    di = distributed.setup()
+    if cfg.batch_size % di.world:
+        raise ValueError(f"finetune.batch_size {cfg.batch_size} is not divisible by {di.world}")
+    torch.manual_seed(cfg.seed)
+    state = ckpt.load(pretrained)
+    mcfg = ModelConfig.from_dict({**state["model_config"], "out_channels": len(cfg.offsets)})
+    net = EMmamba(mcfg)
+    report = load_matching(net, state["model"])
+    log.info("%s: initialised from %s\n%s", experiment, pretrained, report.summary())
+    n_train = set_trainable(net, cfg.part)
+    net = net.to(di.device)
+    sampler = LabelledSampler(train_volumes, cfg.crop, cfg.seed)
+    dig = digest({"cfg": cfg.to_dict(), "pre": str(pretrained), "train": [str(v) for v in
+                                                                          train_volumes]})
+    stage = StagedOutput(out, dig) if di.is_main else None
+    distributed.barrier()
+    staging = Path(str(out) + ".partial")
+    if di.is_main:
+        (staging / "load_report.json").write_text(json.dumps(
+            {**report.as_dict(), "trainable_parameters": n_train, "part": cfg.part}, indent=1))
+    optim = torch.optim.AdamW(param_groups(net, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: lr_at(s, cfg) / cfg.lr)
+    start, best_voi = 0, math.inf
+    last = staging / "last.pt"
+    if last.exists():
+        st = ckpt.load(last)
+        net.load_state_dict(st["model"])
+        optim.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        ckpt.set_rng_state(st["rng"])
+        start, best_voi = int(st["step"]) + 1, float(st.get("best_voi", math.inf))
+        log.info("%s: resuming fine-tuning at step %d", experiment, start)
+    ddp = nn.parallel.DistributedDataParallel(net) if di.world > 1 else net
+    metrics_path = staging / "metrics.jsonl"
+    if di.is_main:
+        _truncate_metrics(metrics_path, start)
+    local = cfg.batch_size // di.world
+
+    def save(path: Path, step: int, extra: dict | None = None) -> None:
+        if di.is_main:
+            ckpt.save({"model": net.state_dict(), "model_config": mcfg.to_dict(),
+                       "optimizer": optim.state_dict(), "scheduler": sched.state_dict(),
+                       "step": step, "experiment": experiment, "best_voi": best_voi,
+                       "config": {"finetune": cfg.to_dict()}, "rng": ckpt.rng_state(),
+                       "offsets": [list(o) for o in cfg.offsets], **(extra or {})}, path)
+
+    quiet = True if not di.is_main else (None if progress is None else not progress)
+    for step in tqdm(range(start, cfg.steps), desc=f"finetune {experiment}", unit="step",
+                     disable=quiet):
+        items = sampler.batch(step, cfg.batch_size)[di.rank * local:(di.rank + 1) * local]
+        xs, ts, ws = zip(*(make_sample(r, lab, s, cfg) for r, lab, s in items), strict=True)
+        x, t, w = (torch.from_numpy(np.stack(a)).to(di.device) for a in (xs, ts, ws))
+        net.train()
+        with _autocast(di.device, cfg.precision):
+            pred = torch.sigmoid(ddp(x).float())
+        loss = weighted_mse(pred, t, w)
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_([p for p in net.parameters() if p.requires_grad], cfg.clip_grad)
+        optim.step()
+        sched.step()
+        rec = {"step": step, "loss": float(loss.detach()), "lr": sched.get_last_lr()[0]}
+        final = step == cfg.steps - 1
+        if val_volumes and di.is_main and ((step + 1) % cfg.validate_every == 0 or final):
+            rec.update(validate(net, val_volumes, cfg))
+            if rec["val_voi"] < best_voi:
+                best_voi = rec["val_voi"]
+                save(staging / "checkpoint.pt", step, {"val": rec})
+        if di.is_main and (step % cfg.log_every == 0 or final or "val_voi" in rec):
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        if (step + 1) % cfg.checkpoint_every == 0 or final:
+            save(last, step)
+    if di.is_main and (not val_volumes or not (staging / "checkpoint.pt").exists()):
+        save(staging / "checkpoint.pt", max(cfg.steps - 1, 0))
+    distributed.teardown()
+    if not di.is_main:
+        return None
+    metrics_path.touch()
+    plot_losses(metrics_path, staging / "loss.png", f"fine-tuning: {experiment}")
+    last.unlink(missing_ok=True)
+    return stage.commit()
