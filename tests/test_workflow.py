@@ -42,6 +42,9 @@ def tiny_config(workdir: Path) -> dict:
         "download": {"block": [8, 64, 64]},
         "tokenize": {"crop": [16, 32, 32], "patch": [4, 16, 16]},
         "pretrain": {"steps": 3, "batch_size": 2, "warmup_steps": 1, "checkpoint_every": 2},
+        "finetune": {"crop": [16, 32, 32], "steps": 2, "batch_size": 2, "warmup_steps": 1,
+                     "validate_every": 2, "thresholds": [0.5]},
+        "infer": {"block": [16, 32, 64], "window": [16, 32, 32], "overlap": [8, 16, 16]},
     }
 
 
@@ -92,6 +95,15 @@ def test_workflow_produces_data_and_tokens_for_every_dataset(finished_run):
     lines = (workdir / "results/models/tokenunify/pretrain/metrics.jsonl").read_text().splitlines()
     assert len(lines) == 3
     assert (workdir / "results/models/none/pretrain/metrics.jsonl").read_text() == ""
+    for exp in ("tokenunify", "none"):
+        ft = workdir / "results" / "models" / exp / "finetune"
+        assert (ft / "checkpoint.pt").exists() and (ft / "load_report.json").exists()
+        assert any("val_voi" in ln for ln in (ft / "metrics.jsonl").read_text().splitlines())
+        aff = zarr.open_group(str(workdir / "results" / exp / "lab" / "affinities.zarr"),
+                              mode="r")["affinities"]
+        assert aff.shape == (3, 16, 64, 64) and aff.dtype == np.uint8
+        assert aff.attrs["voxel_size"] == [40.0, 8.0, 8.0] and aff.attrs["scale"] == 255.0
+        assert aff.chunks == (3, 16, 32, 64)
     # A second run has nothing to do.
     proc = snakemake(workdir, "-n")
     assert "Nothing to be done" in proc.stdout + proc.stderr

@@ -26,7 +26,7 @@ from tokenunify.config import (
 from tokenunify.io.sources import SourceError
 
 log = logging.getLogger("tokenunify")
-PENDING = ("finetune", "agglomerate", "evaluate", "report")
+PENDING = ("agglomerate", "evaluate", "report")
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -81,36 +81,58 @@ def cmd_tokenize(args) -> None:
     tokenize.run(args.volume, args.out, args.manifest, dataclasses.replace(tk, workers=args.workers))
 
 
-def cmd_pretrain(args) -> None:
+def _relaunch_under_torchrun(nproc: int) -> bool:
+    """Re-run this command under torchrun with ``nproc`` local processes, unless already in
+    torchrun or nproc is 1. Returns True when it did (the caller then stops)."""
     from tokenunify.train import distributed
+
+    if nproc <= 1 or distributed.in_torchrun():
+        return False
+    # drop --nproc: torchrun's parser would take it for an abbreviation of --nproc-per-node
+    argv, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            argv.append(a)
+    code = distributed.launch_local(nproc, argv)
+    if code:
+        raise RuntimeError(f"torchrun failed with exit code {code}")
+    return True
+
+
+def _experiment(cfg, spec, name: str) -> tuple[dict, dict]:
+    """(experiment entry, pipeline config or spec) from --config or --spec."""
+    if cfg is not None:
+        if name not in cfg.experiments:
+            raise ConfigError(f"experiment {name!r} is not declared; declared: "
+                              f"{sorted(cfg.experiments)}")
+        return cfg.experiments[name], cfg.raw
+    return spec["experiment"], spec
+
+
+def cmd_pretrain(args) -> None:
     from tokenunify.train.pretrain import PretrainConfig, run
 
     cfg, spec = _stage_config(args, "pretrain")
-    if cfg is not None:
-        if args.experiment not in cfg.experiments:
-            raise ConfigError(f"experiment {args.experiment!r} is not declared; declared: "
-                              f"{sorted(cfg.experiments)}")
-        exp, pre, snapshot = cfg.experiments[args.experiment], cfg.pretrain, cfg.raw
-    else:
-        exp, pre, snapshot = spec["experiment"], spec["pretrain"], spec
-    pcfg = PretrainConfig.from_dict(pre)
-    nproc = args.nproc or pcfg.nproc
-    if nproc > 1 and not distributed.in_torchrun():
-        # Relaunch the same command under torchrun; drop --nproc (torchrun's own parser would
-        # take it for an abbreviation of its --nproc-per-node).
-        argv, skip = [], False
-        for a in sys.argv[1:]:
-            if skip:
-                skip = False
-            elif a == "--nproc":
-                skip = True
-            elif not a.startswith("--nproc="):
-                argv.append(a)
-        code = distributed.launch_local(nproc, argv)
-        if code:
-            raise RuntimeError(f"torchrun failed with exit code {code}")
+    exp, full = _experiment(cfg, spec, args.experiment)
+    pcfg = PretrainConfig.from_dict(full["pretrain"])
+    if _relaunch_under_torchrun(args.nproc or pcfg.nproc):
         return
-    run(args.tokens, args.out, args.experiment, exp["pretraining"], pcfg, snapshot)
+    run(args.tokens, args.out, args.experiment, exp["pretraining"], pcfg, full)
+
+
+def cmd_finetune(args) -> None:
+    from tokenunify.train.finetune import FinetuneConfig, run
+
+    cfg, spec = _stage_config(args, "finetune")
+    _, full = _experiment(cfg, spec, args.experiment)
+    fcfg = FinetuneConfig.from_dict(full["finetune"])
+    if _relaunch_under_torchrun(args.nproc or fcfg.nproc):
+        return
+    run(args.pretrained, args.train, args.validate, args.out, args.experiment, fcfg)
 
 
 def cmd_infer(args) -> None:
@@ -121,6 +143,8 @@ def cmd_infer(args) -> None:
                          for k, v in spec.get("infer", {}).items()})
     if args.workers:
         cfg = dataclasses.replace(cfg, workers=args.workers)
+    if args.threads:
+        cfg = dataclasses.replace(cfg, threads_per_worker=args.threads)
     run(args.volume, args.checkpoint, args.out, cfg)
 
 
@@ -197,7 +221,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, help="output affinities.zarr")
     sp.add_argument("--spec", help='settings as JSON: {"infer": {...}}')
     sp.add_argument("--workers", type=int, default=None, help="Dask worker processes")
+    sp.add_argument("--threads", type=int, default=None, help="threads per Dask worker")
     sp.set_defaults(func=cmd_infer)
+
+    sp = sub.add_parser("finetune", help="fine-tune a pretrained EMmamba for affinities")
+    sp.add_argument("experiment")
+    sp.add_argument("--pretrained", required=True, help="pretraining checkpoint.pt")
+    sp.add_argument("--train", nargs="+", required=True, help="results/data/NAME.zarr (train)")
+    sp.add_argument("--validate", nargs="*", default=[], help="results/data/NAME.zarr (validate)")
+    sp.add_argument("--out", required=True, help="output folder results/models/EXP/finetune")
+    sp.add_argument("--nproc", type=int, default=None, help="local torchrun processes")
+    sp.add_argument("--config", help="pipeline config YAML (config/config.yaml)")
+    sp.add_argument("--spec", help="stage settings as JSON (what the rules pass)")
+    sp.set_defaults(func=cmd_finetune)
 
     sp = sub.add_parser("import-weights", help="convert an official TokenUnify checkpoint")
     sp.add_argument("src", help="official checkpoint ({'model': state_dict}, 'module.' prefixes)")

@@ -334,6 +334,11 @@ def check_dataset(spec: DatasetSpec) -> None:
 def check_config(config: dict) -> PipelineConfig:
     """Validate against the schema, then deep-check every dataset. Returns the typed config."""
     cfg = PipelineConfig.from_dict(config)
+    reserved = {"data", "tokens", "models", "benchmarks", "report"}
+    clash = sorted(reserved & set(cfg.experiments))
+    if clash:
+        raise ConfigError(f"experiments: names {clash} are reserved (they are folders of "
+                          "results/); rename the experiment")
     pretraining = sorted(n for n, e in cfg.experiments.items() if e["pretraining"] != "none")
     if pretraining:
         if not any("pretrain" in d.roles for d in cfg.datasets.values()):

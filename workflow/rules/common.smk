@@ -16,6 +16,9 @@ except ConfigError as exc:
 DATASETS = sorted(config["datasets"])
 EXPERIMENTS = sorted(config["experiments"])
 PRETRAIN_DATASETS = [d for d in DATASETS if "pretrain" in config["datasets"][d]["roles"]]
+TRAIN_DATASETS = [d for d in DATASETS if "train" in config["datasets"][d]["roles"]]
+VALIDATE_DATASETS = [d for d in DATASETS if "validate" in config["datasets"][d]["roles"]]
+TEST_DATASETS = [d for d in DATASETS if "test" in config["datasets"][d]["roles"]]
 
 
 wildcard_constraints:
@@ -55,6 +58,32 @@ def pretrain_spec(wildcards):
     )
 
 
+def train_volumes(wildcards):
+    """Downloaded volumes of every dataset with role train."""
+    return expand("results/data/{dataset}.zarr", dataset=TRAIN_DATASETS)
+
+
+def validate_volumes(wildcards):
+    """Downloaded volumes of every dataset with role validate."""
+    return expand("results/data/{dataset}.zarr", dataset=VALIDATE_DATASETS)
+
+
+def finetune_spec(wildcards):
+    """JSON settings of one experiment's fine-tuning."""
+    return json.dumps(
+        {
+            "experiment": config["experiments"][wildcards.experiment],
+            "finetune": config["finetune"],
+        },
+        sort_keys=True,
+    )
+
+
+def infer_spec(wildcards):
+    """JSON settings of blockwise inference."""
+    return json.dumps({"infer": config["infer"]}, sort_keys=True)
+
+
 def final_outputs():
     """Everything the stages implemented so far produce, for every declared dataset."""
     return expand(
@@ -64,4 +93,8 @@ def final_outputs():
             "results/tokens/{dataset}.manifest.parquet",
         ],
         dataset=DATASETS,
-    ) + expand("results/models/{experiment}/pretrain", experiment=EXPERIMENTS)
+    ) + expand("results/models/{experiment}/pretrain", experiment=EXPERIMENTS) + expand(
+        "results/{experiment}/{dataset}/affinities.zarr",
+        experiment=EXPERIMENTS,
+        dataset=TEST_DATASETS,
+    )
