@@ -91,3 +91,18 @@ def test_finetune_run_loads_pretrained_and_validates(data, tmp_path):
         assert torch.equal(tuned[k], pre[k]), k
     assert not torch.equal(tuned["decoder1.layer.conv1.conv.weight"],
                            pre["decoder1.layer.conv1.conv.weight"])
+
+
+def test_resume_continues_the_same_curve(data, tmp_path):
+    cfg = FinetuneConfig(crop=(16, 32, 32), steps=5, batch_size=2, warmup_steps=1,
+                         checkpoint_every=2)
+    full = run(data / "pre.pt", [data / "train.zarr"], [], tmp_path / "full", "e", cfg,
+               progress=False)
+    assert run(data / "pre.pt", [data / "train.zarr"], [], tmp_path / "cut", "e", cfg,
+               progress=False, stop_after=2) is None  # last checkpoint at step 1
+    resumed = run(data / "pre.pt", [data / "train.zarr"], [], tmp_path / "cut", "e", cfg,
+                  progress=False)
+    la = [json.loads(ln)["loss"] for ln in (full / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(ln)["loss"] for ln in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert len(la) == len(lb) == 5
+    np.testing.assert_allclose(la, lb, rtol=1e-5)

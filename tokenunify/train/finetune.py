@@ -189,8 +189,11 @@ def validate(model: EMmamba, volumes: list[str | Path], cfg: FinetuneConfig) -> 
 
 
 def run(pretrained: str | Path, train_volumes: list, val_volumes: list, out: str | Path,
-        experiment: str, cfg: FinetuneConfig, progress: bool | None = None) -> Path | None:
-    """Fine-tune one experiment's pretrained network; returns the output folder (rank 0)."""
+        experiment: str, cfg: FinetuneConfig, progress: bool | None = None,
+        stop_after: int | None = None) -> Path | None:
+    """Fine-tune one experiment's pretrained network; returns the output folder (rank 0).
+
+    ``stop_after`` stops (without finishing) after that step, as a crash would; for tests."""
     di = distributed.setup()
     if cfg.batch_size % di.world:
         raise ValueError(f"finetune.batch_size {cfg.batch_size} is not divisible by {di.world}")
@@ -264,6 +267,9 @@ def run(pretrained: str | Path, train_volumes: list, val_volumes: list, out: str
                 f.write(json.dumps(rec) + "\n")
         if (step + 1) % cfg.checkpoint_every == 0 or final:
             save(last, step)
+        if stop_after is not None and step >= stop_after:
+            distributed.teardown()
+            return None
     if di.is_main and (not val_volumes or not (staging / "checkpoint.pt").exists()):
         save(staging / "checkpoint.pt", max(cfg.steps - 1, 0))
     distributed.teardown()
