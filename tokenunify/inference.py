@@ -99,6 +99,22 @@ def read_padded(arr, start, size) -> np.ndarray:
     return out
 
 
+def _worker_device() -> torch.device:
+    """CPU, or on GPU machines one GPU per Dask worker: worker i of a LocalCluster (named 0, 1,
+    ...) takes GPU i modulo the GPU count; outside a worker, GPU 0."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    index = 0
+    try:
+        from distributed import get_worker
+
+        name = get_worker().name
+        index = int(name) if str(name).isdigit() else 0
+    except (ImportError, ValueError):
+        pass
+    return torch.device("cuda", index % torch.cuda.device_count())
+
+
 _MODELS: dict[str, torch.nn.Module] = {}
 _MODELS_LOCK = threading.Lock()
 
@@ -115,7 +131,7 @@ def load_model(checkpoint: str | Path) -> torch.nn.Module:
             model = EMmamba(ModelConfig.from_dict(state["model_config"]))
             model.load_state_dict(state["model"])
             model.eval()
-            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            device = _worker_device()
             _MODELS[key] = model.to(device)
             log.info("loaded %s on %s", checkpoint, device)
         return _MODELS[key]
