@@ -48,6 +48,8 @@ def test_one_block_equals_eight_blocks(setup, tmp_path):
     """The key property: affinities do not depend on the block size."""
     from distributed import Client, LocalCluster
 
+    inference._MODELS.clear()
+    loads = inference.LOADS["count"]
     with Client(LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
                              dashboard_address=None)) as client:
         one = inference.run(setup / "v.zarr", setup / "model.pt", tmp_path / "a.zarr",
@@ -55,6 +57,7 @@ def test_one_block_equals_eight_blocks(setup, tmp_path):
         eight = inference.run(setup / "v.zarr", setup / "model.pt", tmp_path / "b.zarr",
                               dataclasses.replace(CFG, block=(8, 48, 48), dtype="float16"),
                               client=client)
+    assert inference.LOADS["count"] == loads + 1  # 9 blocks, one model load in the worker
     a = zarr.open_group(str(one))["affinities"]
     b = zarr.open_group(str(eight))["affinities"]
     assert a.shape == (3, 16, 96, 96) and b.chunks == (3, 8, 48, 48)

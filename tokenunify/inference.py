@@ -117,6 +117,7 @@ def _worker_device() -> torch.device:
 
 _MODELS: dict[str, torch.nn.Module] = {}
 _MODELS_LOCK = threading.Lock()
+LOADS = {"count": 0}  # checkpoint loads in this process (the model is loaded once per worker)
 
 
 def load_model(checkpoint: str | Path) -> torch.nn.Module:
@@ -133,6 +134,7 @@ def load_model(checkpoint: str | Path) -> torch.nn.Module:
             model.eval()
             device = _worker_device()
             _MODELS[key] = model.to(device)
+            LOADS["count"] += 1
             log.info("loaded %s on %s", checkpoint, device)
         return _MODELS[key]
 
