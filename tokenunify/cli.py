@@ -2,8 +2,8 @@
 
 Every stage takes either ``--spec JSON`` (what the Snakemake rules pass, so that Snakemake reruns
 a stage whose settings changed) or ``--config FILE`` plus a dataset name (for use by hand).
-Later stages (pretrain, finetune, infer, agglomerate, evaluate, report) are listed but not yet
-implemented: they exit with an error saying so.
+The stages still to come (agglomerate, evaluate, report) are listed but not yet implemented:
+they exit with an error saying so. ``infer`` takes ``--spec`` only.
 """
 
 from __future__ import annotations
