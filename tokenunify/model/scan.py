@@ -20,6 +20,14 @@ decays stay in (0, 1] (cumulative sums of log-decays, no division), so it is sta
 backward is the same scan run in reverse (the adjoint of a linear recurrence), written by hand so
 autograd does not record every step.
 
+Fused CPU path: for float32 CPU tensors with input-dependent B and C (Mamba's case), a small
+C++ kernel (``scan_cpu.cpp``, built once with torch's JIT extension builder and ninja, cached in
+torch's extension folder) runs the recurrence row by row with the states kept for the backward
+pass: about 3x faster again than the chunked scan. It uses no CPU-specific instruction flags, so a
+cached build is safe on any x86-64 machine. If the build fails (no compiler) or
+``TOKENUNIFY_FUSED_SCAN=0``, the chunked PyTorch scan is used; both are tested against the same
+float64 reference.
+
 CUDA path: when the tensors are on CUDA and ``mamba_ssm`` imports, its fused kernel is used; the
 import is tried at call time and ImportError / RuntimeError fall back to the PyTorch path.
 """
@@ -28,12 +36,57 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 _CUDA_SCAN = None  # cached mamba_ssm function, False once known to be unavailable
+_FUSED_CPU = None  # the built C++ extension, False once known to be unavailable
+
+
+def fused_cpu_extension():
+    """The fused CPU scan extension, built on first use; None when unavailable or disabled."""
+    global _FUSED_CPU
+    if _FUSED_CPU is None:
+        if os.environ.get("TOKENUNIFY_FUSED_SCAN", "1") == "0":
+            _FUSED_CPU = False
+            return None
+        try:
+            import sysconfig
+
+            from torch.utils.cpp_extension import load
+
+            # the ninja that pip installed sits beside this interpreter, maybe not on PATH
+            scripts = sysconfig.get_path("scripts")
+            if scripts and scripts not in os.environ.get("PATH", "").split(os.pathsep):
+                os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
+            src = Path(__file__).with_name("scan_cpu.cpp")
+            _FUSED_CPU = load(name="tokenunify_scan_cpu", sources=[str(src)],
+                              extra_cflags=["-O3", "-ffast-math", "-fopenmp"],
+                              extra_ldflags=["-fopenmp"], verbose=False)
+        except Exception as exc:  # compiler, ninja or headers missing: use the PyTorch scan
+            log.warning("fused CPU scan unavailable (%s); using the chunked PyTorch scan",
+                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            _FUSED_CPU = False
+    return _FUSED_CPU or None
+
+
+class FusedScan(torch.autograd.Function):
+    """y = sum_n h C through the C++ kernel: u, delta (B, D, L), A (D, N), Bt, Ct (B, L, N)."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, Bt, Ct):
+        y, H = fused_cpu_extension().forward(u, delta, A, Bt, Ct)
+        ctx.save_for_backward(u, delta, A, Bt, Ct, H)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        u, delta, A, Bt, Ct, H = ctx.saved_tensors
+        return tuple(fused_cpu_extension().backward(gy.contiguous(), u, delta, A, Bt, Ct, H))
 
 
 def _chunking(L: int) -> tuple[int, int]:
@@ -221,18 +274,30 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     if delta_softplus:
         delta = F.softplus(delta)
     batch, dim, length = u.shape
+    if (work == torch.float32 and not u.is_cuda and B.dim() == 3 and C.dim() == 3
+            and A.shape[1] <= 64 and fused_cpu_extension() is not None):
+        y = FusedScan.apply(u.contiguous(), delta.contiguous(), A.contiguous(),
+                            B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous())
+        return _finish(y, u, D, z, dtype_in, return_last_state, (delta, A, B))
     T, nc = _chunking(length)
     # chunk-major; padding has delta 0 (decay 1) and input 0, so it changes nothing before it
     d_c, u_c = _to_chunks(delta, T, nc), _to_chunks(u, T, nc)
     Bc, Cc = _bc_chunks(B, dim, T, nc), _bc_chunks(C, dim, T, nc)
     y = SelectiveScan.apply(u_c, d_c, A, Bc, Cc)  # (T, B, D, nc)
     y = y.movedim(0, -1).reshape(batch, dim, nc * T)[..., :length]
+    return _finish(y, u, D, z, dtype_in, return_last_state, (delta, A, B))
+
+
+def _finish(y, u, D, z, dtype_in, return_last_state, state_inputs):
+    """Skip connection D * u, SiLU(z) gate, dtype, optional last state."""
     if D is not None:
-        y = y + D.to(work)[:, None] * u
+        y = y + D.to(y.dtype)[:, None] * u
     if z is not None:
-        y = y * F.silu(z.to(work))
+        y = y * F.silu(z.to(y.dtype))
     y = y.to(dtype_in)
     if return_last_state:
+        delta, A, B = state_inputs
+        T, nc = _chunking(u.shape[-1])
         return y, _last_state(u, delta, A, B, T, nc)
     return y
 
