@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import dask.array as da
 import numpy as np
 import pandas as pd
 import pytest
@@ -12,7 +11,7 @@ import zarr
 
 from tokenunify import tokenize
 from tokenunify.config import TokenizeConfig
-from tokenunify.io.zarrio import create_volume, store_dask
+from tokenunify.io.zarrio import create_volume
 
 CFG = TokenizeConfig(crop=(4, 32, 32), patch=(2, 8, 8), scheduler="synchronous")
 
@@ -113,14 +112,3 @@ def test_volume_smaller_than_crop_is_a_clear_error(tmp_path, rng):
                       chunks=(2, 20, 20))
     with pytest.raises(ValueError, match="smaller than tokenize.crop"):
         run(vol, tmp_path, "s")
-
-
-def test_store_dask_refuses_misaligned_chunks(tmp_path):
-    """dask.array.to_zarr silently loses data when two tasks write one chunk (install.md §1)."""
-    g = zarr.open_group(str(tmp_path / "o.zarr"), mode="w")
-    arr = create_volume(g, "x", (8, 16, 16), (4, 16, 16), np.uint8, (1, 1, 1), (0, 0, 0))
-    data = da.ones((8, 16, 16), dtype=np.uint8, chunks=(2, 16, 16))
-    with pytest.raises(ValueError, match="end inside zarr write units"):
-        store_dask(data, arr)
-    store_dask(data.rechunk((4, 16, 16)), arr)
-    assert arr[:].all()

@@ -35,7 +35,7 @@ def _setup_logging(verbose: bool) -> None:
                         stream=sys.stderr)
 
 
-def _stage_config(args, section: str) -> tuple[PipelineConfig | None, dict]:
+def _stage_config(args) -> tuple[PipelineConfig | None, dict]:
     """(typed config or None, the stage's JSON spec) from --config or --spec."""
     if args.spec:
         try:
@@ -63,7 +63,7 @@ def _dataset(cfg: PipelineConfig | None, spec: dict, name: str) -> DatasetSpec:
 def cmd_download(args) -> None:
     from tokenunify import download
 
-    cfg, spec = _stage_config(args, "download")
+    cfg, spec = _stage_config(args)
     ds = _dataset(cfg, spec, args.dataset)
     if cfg is not None:
         dl = cfg.download
@@ -76,7 +76,7 @@ def cmd_download(args) -> None:
 def cmd_tokenize(args) -> None:
     from tokenunify import tokenize
 
-    cfg, spec = _stage_config(args, "tokenize")
+    cfg, spec = _stage_config(args)
     tk = cfg.tokenize if cfg is not None else TokenizeConfig.from_dict(spec.get("tokenize", {}))
     tokenize.run(args.volume, args.out, args.manifest, dataclasses.replace(tk, workers=args.workers))
 
@@ -116,7 +116,7 @@ def _experiment(cfg, spec, name: str) -> tuple[dict, dict]:
 def cmd_pretrain(args) -> None:
     from tokenunify.train.pretrain import PretrainConfig, run
 
-    cfg, spec = _stage_config(args, "pretrain")
+    cfg, spec = _stage_config(args)
     exp, full = _experiment(cfg, spec, args.experiment)
     pcfg = PretrainConfig.from_dict(full["pretrain"])
     if _relaunch_under_torchrun(args.nproc or pcfg.nproc):
@@ -127,7 +127,7 @@ def cmd_pretrain(args) -> None:
 def cmd_finetune(args) -> None:
     from tokenunify.train.finetune import FinetuneConfig, run
 
-    cfg, spec = _stage_config(args, "finetune")
+    cfg, spec = _stage_config(args)
     _, full = _experiment(cfg, spec, args.experiment)
     fcfg = FinetuneConfig.from_dict(full["finetune"])
     if _relaunch_under_torchrun(args.nproc or fcfg.nproc):

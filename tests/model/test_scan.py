@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import tokenunify.model  # noqa: F401
-from tokenunify.model.scan import LinearScan, _scan_chunked, selective_scan_fn
+from tokenunify.model.scan import _scan_chunked, selective_scan_fn
 
 
 def reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
@@ -116,9 +116,6 @@ def test_linear_scan_forward_and_reverse(length):
     for i in reversed(range(nc * T)):
         s = a[:, i] * s + bb[:, i]
         torch.testing.assert_close(hr[:, i], s)
-    la.requires_grad_()
-    b.requires_grad_()
-    assert torch.autograd.gradcheck(LinearScan.apply, (la, b))
 
 
 def test_mamba_ssm_backend_needs_cuda():

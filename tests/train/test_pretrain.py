@@ -18,7 +18,8 @@ from tokenunify.config import TokenizeConfig
 from tokenunify.io.zarrio import create_volume
 from tokenunify.objectives import ObjectiveConfig
 from tokenunify.train import checkpoint as ckpt
-from tokenunify.train.pretrain import PretrainConfig, lr_at, param_groups, run
+from tokenunify.train.loop import lr_at, param_groups
+from tokenunify.train.pretrain import PretrainConfig, run
 
 
 @pytest.fixture(scope="module")

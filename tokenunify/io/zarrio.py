@@ -2,9 +2,9 @@
 
 - :func:`create_volume` makes an array with ``voxel_size``/``offset`` (nm, z y x),
   ``axis_names``, ``units`` and a provenance record.
-- :func:`store_dask` writes a dask array into zarr only when every dask chunk covers whole zarr
-  write units (chunks, or shards when sharded). ``dask.array.to_zarr`` does not check this and
-  silently loses data when several tasks write one chunk (../shared/notes/install.md §1).
+- Stages never write zarr through ``dask.array.to_zarr``, which silently loses data when two
+  tasks write one chunk (../shared/notes/install.md §1): every task writes whole chunks of its
+  own (tokenize: one chunk per crop; infer: one chunk per block).
 - :class:`StagedOutput` builds an output directory under ``<name>.partial`` and renames it into
   place only when complete, so a crash never leaves a half-written output that looks finished,
   and an earlier complete output is replaced only by a complete new one.
@@ -69,31 +69,6 @@ def create_volume(group: zarr.Group, name: str, shape, chunks, dtype, voxel_size
                              dimension_names=dims, config={"write_empty_chunks": True})
     arr.attrs.update(meta)
     return arr
-
-
-def write_unit(arr: zarr.Array) -> tuple[int, ...]:
-    """The smallest independently writable block of ``arr``: its shard shape, else chunk shape."""
-    return tuple(arr.shards) if getattr(arr, "shards", None) else tuple(arr.chunks)
-
-
-def check_aligned(chunks: tuple[tuple[int, ...], ...], shape, unit) -> None:
-    """Raise ValueError unless every dask chunk boundary falls on a write-unit boundary."""
-    for ax, (sizes, n, u) in enumerate(zip(chunks, shape, unit, strict=True)):
-        edges = np.cumsum((0,) + tuple(sizes))[1:-1]
-        bad = [int(e) for e in edges if e % u and e != n]
-        if bad:
-            raise ValueError(f"dask chunks {sizes} on axis {ax} end inside zarr write units of "
-                             f"{u} voxels (at {bad[:5]}); two tasks would write one chunk")
-
-
-def store_dask(darr, arr: zarr.Array, scheduler=None, **compute_kw) -> None:
-    """Write a dask array into a zarr array, refusing misaligned chunking (see module doc)."""
-    import dask.array as da
-
-    if tuple(darr.shape) != tuple(arr.shape):
-        raise ValueError(f"shape {darr.shape} does not match zarr array {arr.shape}")
-    check_aligned(darr.chunks, arr.shape, write_unit(arr))
-    da.store(darr, arr, lock=False, scheduler=scheduler, **compute_kw)
 
 
 class StagedOutput:

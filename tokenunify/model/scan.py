@@ -13,7 +13,7 @@ z (B, D, L); delta_bias (D,). It computes in float32 (float64 stays float64) and
 input dtype.
 
 CPU path: the linear recurrence ``h[l] = a[l] h[l-1] + b[l]`` is solved by a two-level chunked
-scan (:class:`LinearScan`): a loop over the ~sqrt(L) positions of a chunk, vectorised over all
+scan (:func:`_scan_chunked`): a loop over the ~sqrt(L) positions of a chunk, vectorised over all
 chunks at once, then a loop over chunks to carry the state, then one vectorised correction.
 That is O(L) work in about 2*sqrt(L) Python steps (450 at L = 51 200) instead of L, and the
 decays stay in (0, 1] (cumulative sums of log-decays, no division), so it is stable. Its
@@ -130,32 +130,6 @@ def _scan_chunked(la: torch.Tensor, b: torch.Tensor, reverse: bool = False) -> t
     # 3. add the carried state, decayed, everywhere
     h.addcmul_(decay, carry.unsqueeze(0))
     return h
-
-
-class LinearScan(torch.autograd.Function):
-    """h = linear recurrence of chunk-major (log_a, b); backward by the reverse scan.
-
-    Uses a * h_prev = h - b, so the backward needs neither h_prev nor exp(log_a) separately:
-    grad_b = g (the reverse scan of grad_h with the next position's decay) and
-    grad_log_a = g * (h - b).
-    """
-
-    @staticmethod
-    def forward(ctx, log_a, b):
-        h = _scan_chunked(log_a, b.clone())
-        ctx.save_for_backward(log_a, b, h)
-        return h
-
-    @staticmethod
-    def backward(ctx, grad_h):
-        log_a, b, h = ctx.saved_tensors
-        # decay applying from position l+1 back to l: log_a at l+1 (next chunk's first for t=T-1)
-        la_next = torch.empty_like(log_a)
-        la_next[:-1] = log_a[1:]
-        la_next[-1, ..., :-1, :] = log_a[0, ..., 1:, :]
-        la_next[-1, ..., -1, :] = 0.0
-        g = _scan_chunked(la_next, grad_h.clone(), reverse=True)
-        return g * (h - b), g
 
 
 def _to_chunks(t: torch.Tensor, T: int, nc: int) -> torch.Tensor:

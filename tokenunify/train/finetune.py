@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +40,14 @@ from tokenunify.model.emmamba import EMmamba, ModelConfig
 from tokenunify.train import checkpoint as ckpt
 from tokenunify.train import distributed
 from tokenunify.train.augment import AugmentConfig, augment
-from tokenunify.train.pretrain import _autocast, _truncate_metrics, lr_at, param_groups, plot_losses
+from tokenunify.train.loop import (
+    OptimConfig,
+    autocast,
+    lr_at,
+    param_groups,
+    plot_losses,
+    truncate_metrics,
+)
 from tokenunify.train.weights import load_matching
 
 log = logging.getLogger(__name__)
@@ -49,28 +56,15 @@ PARTS = {"all": ("",), "mamba": (".mamba.",), "encoder": ("vit.", "encoder"),
 
 
 @dataclass(frozen=True)
-class FinetuneConfig:
+class FinetuneConfig(OptimConfig):
     """Fine-tuning settings (schema section ``finetune``); sizes in voxels (z, y, x)."""
 
     crop: tuple[int, int, int] = (16, 96, 96)
-    steps: int = 100
-    batch_size: int = 2
-    lr: float = 1e-3
-    min_lr: float = 0.0
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.95)
-    warmup_steps: int = 10
-    clip_grad: float = 1.0
     widen_border: bool = True
     long_range: tuple[tuple[int, int, int], ...] = ()
     part: str = "all"  # all | mamba | encoder | decoder
     validate_every: int = 50
     thresholds: tuple[float, ...] = (0.3, 0.5, 0.7)
-    checkpoint_every: int = 25
-    log_every: int = 1
-    seed: int = 0
-    precision: str = "auto"
-    nproc: int = 1
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self):
@@ -89,9 +83,6 @@ class FinetuneConfig:
         if "long_range" in d:
             d["long_range"] = tuple(tuple(o) for o in d["long_range"])
         return cls(augment=aug, **d)
-
-    def to_dict(self) -> dict:
-        return json.loads(json.dumps(asdict(self)))
 
     @property
     def offsets(self) -> tuple:
@@ -229,7 +220,7 @@ def run(pretrained: str | Path, train_volumes: list, val_volumes: list, out: str
     ddp = nn.parallel.DistributedDataParallel(net) if di.world > 1 else net
     metrics_path = staging / "metrics.jsonl"
     if di.is_main:
-        _truncate_metrics(metrics_path, start)
+        truncate_metrics(metrics_path, start)
     local = cfg.batch_size // di.world
 
     def save(path: Path, step: int, extra: dict | None = None) -> None:
@@ -247,7 +238,7 @@ def run(pretrained: str | Path, train_volumes: list, val_volumes: list, out: str
         xs, ts, ws = zip(*(make_sample(r, lab, s, cfg) for r, lab, s in items), strict=True)
         x, t, w = (torch.from_numpy(np.stack(a)).to(di.device) for a in (xs, ts, ws))
         net.train()
-        with _autocast(di.device, cfg.precision):
+        with autocast(di.device, cfg.precision):
             pred = torch.sigmoid(ddp(x).float())
         loss = weighted_mse(pred, t, w)
         optim.zero_grad(set_to_none=True)

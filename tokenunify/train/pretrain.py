@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,28 +35,23 @@ from tokenunify.objectives import weights as curriculum_weights
 from tokenunify.tokenize import TokenCrops
 from tokenunify.train import checkpoint as ckpt
 from tokenunify.train import distributed
+from tokenunify.train.loop import (
+    OptimConfig,
+    autocast,
+    lr_at,
+    param_groups,
+    plot_losses,
+    truncate_metrics,
+)
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class PretrainConfig:
+class PretrainConfig(OptimConfig):
     """Pretraining settings (schema section ``pretrain``)."""
 
     model: str = "tiny"
-    steps: int = 100
-    batch_size: int = 2
-    lr: float = 1e-3
-    min_lr: float = 0.0
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.95)
-    warmup_steps: int = 10
-    clip_grad: float = 1.0
-    checkpoint_every: int = 25
-    log_every: int = 1
-    seed: int = 0
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (bf16/fp16 on CUDA only)
-    nproc: int = 1
     perturb_p: float = 0.5
     perturb: tuple[str, ...] = ("noise", "blur", "cutout")
     dataset_weights: dict | None = None
@@ -73,31 +67,6 @@ class PretrainConfig:
             if k in d:
                 d[k] = tuple(d[k])
         return cls(objective=ObjectiveConfig(**obj), curriculum=CurriculumConfig(**cur), **d)
-
-    def to_dict(self) -> dict:
-        return json.loads(json.dumps(asdict(self)))
-
-
-def lr_at(step: int, cfg: PretrainConfig) -> float:
-    """Linear warm-up then half-cosine from lr to min_lr (step counts from 0)."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no decay for biases, 1-D parameters and Mamba's A_log / D (upstream)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.ndim <= 1 or name.endswith(".bias") or getattr(p, "_no_weight_decay", False):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
 
 
 class CropSampler:
@@ -148,13 +117,6 @@ def perturb(x: np.ndarray, seed: int, cfg: PretrainConfig) -> np.ndarray:
     else:
         raise ValueError(f"unknown perturbation {kind!r}")
     return x
-
-
-def _autocast(device: torch.device, precision: str):
-    if device.type != "cuda" or precision == "fp32":
-        return torch.autocast("cpu", enabled=False)
-    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
-    return torch.autocast("cuda", dtype=dtype)
 
 
 def run(token_paths: list[str | Path], out: str | Path, experiment: str, pretraining: str,
@@ -212,7 +174,7 @@ def run(token_paths: list[str | Path], out: str | Path, experiment: str, pretrai
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
     metrics_path = staging / "metrics.jsonl"
     if di.is_main:
-        _truncate_metrics(metrics_path, start)
+        truncate_metrics(metrics_path, start)
     local = cfg.batch_size // di.world
     K = model.K
     steps = cfg.steps if tasks else 0
@@ -239,7 +201,7 @@ def run(token_paths: list[str | Path], out: str | Path, experiment: str, pretrai
         x = np.stack([perturb(xi, s, cfg) for xi, s in zip(xs[sl], seeds[sl], strict=True)])
         x = torch.from_numpy(x).to(di.device)
         w = curriculum_weights(step / max(1, steps - 1), cfg.curriculum, tasks)
-        with _autocast(di.device, cfg.precision):
+        with autocast(di.device, cfg.precision):
             loss, parts = ddp(x, seeds[sl], w)
         optim.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -279,41 +241,6 @@ def run(token_paths: list[str | Path], out: str | Path, experiment: str, pretrai
     plot_losses(metrics_path, staging / "loss.png", f"pretraining: {experiment} ({pretraining})")
     (staging / "last.pt").unlink(missing_ok=True)
     return stage.commit()
-
-
-def _truncate_metrics(path: Path, start: int) -> None:
-    """Drop logged steps >= start (they will be redone after a resume)."""
-    if not path.exists():
-        return
-    keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] < start]
-    path.write_text("".join(ln + "\n" for ln in keep))
-
-
-def plot_losses(metrics: Path, png: Path, title: str) -> None:
-    """Loss curves (total and per task) from metrics.jsonl."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import pandas as pd
-
-    lines = [json.loads(ln) for ln in metrics.read_text().splitlines() if ln]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    if lines:
-        df = pd.DataFrame(lines)
-        for col in [c for c in df.columns if c.startswith("loss")]:
-            ax.plot(df["step"], df[col], label=col.removeprefix("loss_") if col != "loss"
-                    else "total (weighted)")
-        ax.set_yscale("log")
-        ax.legend(fontsize=8)
-    else:
-        ax.text(0.5, 0.5, "no pretraining (random initialisation)", ha="center")
-    ax.set_xlabel("step")
-    ax.set_ylabel("MSE (normalised pixels)")
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
 
 
 __all__ = ["PretrainConfig", "run", "lr_at", "param_groups", "CropSampler"]

@@ -1,0 +1,103 @@
+"""Training machinery shared by pretraining and fine-tuning.
+
+:class:`OptimConfig` holds the settings both stages have (schedule, AdamW, clipping, logging,
+seed, precision, processes); ``lr_at`` is the warm-up + half-cosine schedule, ``param_groups``
+the AdamW grouping, ``autocast`` the mixed-precision context, and ``truncate_metrics`` /
+``plot_losses`` handle ``metrics.jsonl`` and ``loss.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Settings shared by the training stages (see the schema sections pretrain / finetune)."""
+
+    steps: int = 100
+    batch_size: int = 2
+    lr: float = 1e-3
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = 10
+    clip_grad: float = 1.0
+    checkpoint_every: int = 25
+    log_every: int = 1
+    seed: int = 0
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (bf16/fp16 on CUDA only)
+    nproc: int = 1
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(asdict(self)))
+
+
+def lr_at(step: int, cfg: OptimConfig) -> float:
+    """Linear warm-up then half-cosine from lr to min_lr (step counts from 0)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no decay for biases, 1-D parameters and Mamba's A_log / D (upstream)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim <= 1 or name.endswith(".bias") or getattr(p, "_no_weight_decay", False):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def autocast(device: torch.device, precision: str):
+    if device.type != "cuda" or precision == "fp32":
+        return torch.autocast("cpu", enabled=False)
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def truncate_metrics(path: Path, start: int) -> None:
+    """Drop logged steps >= start (they will be redone after a resume)."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] < start]
+    path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def plot_losses(metrics: Path, png: Path, title: str) -> None:
+    """Loss curves (total and per task) from metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    lines = [json.loads(ln) for ln in metrics.read_text().splitlines() if ln]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if lines:
+        df = pd.DataFrame(lines)
+        for col in [c for c in df.columns if c.startswith("loss")]:
+            ax.plot(df["step"], df[col], label=col.removeprefix("loss_") if col != "loss"
+                    else "total (weighted)")
+        ax.set_yscale("log")
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no pretraining (random initialisation)", ha="center")
+    ax.set_xlabel("step")
+    ax.set_ylabel("MSE (normalised pixels)")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
