@@ -183,7 +183,7 @@ class MambaLayer(nn.Module):
         spatial = x.shape[2:]
         seq = x.reshape(B, C, -1).transpose(1, 2)
         out = self.mamba(self.norm(seq))
-        return out.transpose(1, 2).reshape(B, C, *spatial)
+        return out.transpose(1, 2).reshape(B, C, *spatial).contiguous()
 
 
 class MlpChannel(nn.Module):

@@ -100,8 +100,9 @@ class MambaV3(nn.Module):
         dt_proj = getattr(self, f"dt_proj{sfx}")
         delta = F.linear(dt, dt_proj.weight).transpose(1, 2)  # (B, E, L), bias added in the scan
         A = -torch.exp(getattr(self, "A_log" if sfx == "" else f"A{sfx}_log").float())
-        return selective_scan_fn(x, delta, A, Bm.transpose(1, 2).contiguous(),
-                                 Cm.transpose(1, 2).contiguous(), getattr(self, f"D{sfx}").float(),
+        # B, C as (B, N, L) views; each scan backend makes the layout it needs
+        return selective_scan_fn(x, delta, A, Bm.transpose(1, 2), Cm.transpose(1, 2),
+                                 getattr(self, f"D{sfx}").float(),
                                  z=z, delta_bias=dt_proj.bias.float(), delta_softplus=True,
                                  backend=self.backend)
 

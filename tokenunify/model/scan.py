@@ -22,11 +22,13 @@ autograd does not record every step.
 
 Fused CPU path: for float32 CPU tensors with input-dependent B and C (Mamba's case), a small
 C++ kernel (``scan_cpu.cpp``, built once with torch's JIT extension builder and ninja, cached in
-torch's extension folder) runs the recurrence row by row with the states kept for the backward
-pass: about 3x faster again than the chunked scan. It uses no CPU-specific instruction flags, so a
-cached build is safe on any x86-64 machine. If the build fails (no compiler) or
-``TOKENUNIFY_FUSED_SCAN=0``, the chunked PyTorch scan is used; both are tested against the same
-float64 reference.
+torch's extension folder) runs the whole scan row by row: softplus of delta + bias, the
+recurrence, the D skip and the SiLU(z) gate in one pass, keeping one state per 64 positions; the
+backward pass recomputes each 64-position chunk from its checkpoint. It is built for the
+instruction set torch reports (AVX-512, AVX2 or generic), under a name per set, so a build cached
+on a shared home directory is never loaded by a CPU that lacks its instructions. If the build
+fails (no compiler) or ``TOKENUNIFY_FUSED_SCAN=0``, the chunked PyTorch scan is used; both are
+tested against the same float64 reference.
 
 CUDA path: when the tensors are on CUDA and ``mamba_ssm`` imports, its fused kernel is used; the
 import is tried at call time and ImportError / RuntimeError fall back to the PyTorch path.
@@ -47,6 +49,26 @@ _CUDA_SCAN = None  # cached mamba_ssm function, False once known to be unavailab
 _FUSED_CPU = None  # the built C++ extension, False once known to be unavailable
 
 
+# Instruction sets the fused kernel is built for, by torch's own CPU capability check. Each gets
+# its own build name, so a build cached on a shared home directory is never loaded by a node
+# whose CPU lacks the instructions.
+_ISA_FLAGS = {
+    "avx512": ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma"],
+    "avx2": ["-mavx2", "-mfma"],
+    "generic": [],
+}
+
+
+def _cpu_isa() -> str:
+    """'avx512', 'avx2' or 'generic' (x86 capability as torch reports it; generic elsewhere)."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return "generic"
+    cap = torch.backends.cpu.get_cpu_capability().lower()
+    return "avx512" if cap.startswith("avx512") else "avx2" if cap == "avx2" else "generic"
+
+
 def fused_cpu_extension():
     """The fused CPU scan extension, built on first use; None when unavailable or disabled."""
     global _FUSED_CPU
@@ -64,8 +86,9 @@ def fused_cpu_extension():
             if scripts and scripts not in os.environ.get("PATH", "").split(os.pathsep):
                 os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
             src = Path(__file__).with_name("scan_cpu.cpp")
-            _FUSED_CPU = load(name="tokenunify_scan_cpu", sources=[str(src)],
-                              extra_cflags=["-O3", "-ffast-math", "-fopenmp"],
+            isa = _cpu_isa()
+            _FUSED_CPU = load(name=f"tokenunify_scan_cpu_{isa}", sources=[str(src)],
+                              extra_cflags=["-O3", "-ffast-math", "-fopenmp", *_ISA_FLAGS[isa]],
                               extra_ldflags=["-fopenmp"], verbose=False)
         except Exception as exc:  # compiler, ninja or headers missing: use the PyTorch scan
             log.warning("fused CPU scan unavailable (%s); using the chunked PyTorch scan",
@@ -75,18 +98,29 @@ def fused_cpu_extension():
 
 
 class FusedScan(torch.autograd.Function):
-    """y = sum_n h C through the C++ kernel: u, delta (B, D, L), A (D, N), Bt, Ct (B, L, N)."""
+    """The whole selective scan through the C++ kernel, softplus, skip and gate included.
+
+    u, delta, z (B, D, L); A (D, N); Bt, Ct (B, L, N); Dskip, bias (D,); z, Dskip and bias may
+    be None. Returns out (B, D, L). Keeps one state per 64 positions for the backward pass.
+    """
 
     @staticmethod
-    def forward(ctx, u, delta, A, Bt, Ct):
-        y, H = fused_cpu_extension().forward(u, delta, A, Bt, Ct)
-        ctx.save_for_backward(u, delta, A, Bt, Ct, H)
-        return y
+    def forward(ctx, u, delta, A, Bt, Ct, Dskip, z, bias, softplus):
+        empty = u.new_empty(0)
+        opt = [t.contiguous() if t is not None else empty for t in (Dskip, z, bias)]
+        out, Hc = fused_cpu_extension().forward(u, delta, A, Bt, Ct, *opt, softplus)
+        ctx.save_for_backward(u, delta, A, Bt, Ct, *opt, Hc)
+        ctx.softplus, ctx.present = softplus, [t is not None for t in (Dskip, z, bias)]
+        return out
 
     @staticmethod
-    def backward(ctx, gy):
-        u, delta, A, Bt, Ct, H = ctx.saved_tensors
-        return tuple(fused_cpu_extension().backward(gy.contiguous(), u, delta, A, Bt, Ct, H))
+    def backward(ctx, gout):
+        u, delta, A, Bt, Ct, Dskip, z, bias, Hc = ctx.saved_tensors
+        du, dd, dA, dB, dC, dD, dz, dbias = fused_cpu_extension().backward(
+            gout.contiguous(), u, delta, A, Bt, Ct, Dskip, z, bias, ctx.softplus, Hc)
+        has_D, has_z, has_bias = ctx.present
+        return (du, dd, dA, dB, dC, dD if has_D else None, dz if has_z else None,
+                dbias if has_bias else None, None)
 
 
 def _chunking(L: int) -> tuple[int, int]:
@@ -241,6 +275,18 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     """The selective scan in PyTorch (any device); same contract as :func:`selective_scan_fn`."""
     dtype_in = u.dtype
     work = torch.float64 if u.dtype == torch.float64 else torch.float32
+    if (work == torch.float32 and not u.is_cuda and B.dim() == 3 and C.dim() == 3
+            and A.shape[1] <= 64 and fused_cpu_extension() is not None):
+        f32 = lambda t: None if t is None else t.float().contiguous()  # noqa: E731
+        out = FusedScan.apply(f32(u), f32(delta), f32(A), f32(B.transpose(1, 2)),
+                              f32(C.transpose(1, 2)), f32(D), f32(z), f32(delta_bias),
+                              bool(delta_softplus)).to(dtype_in)
+        if not return_last_state:
+            return out
+        delta = delta.float() + (0 if delta_bias is None else delta_bias.float()[:, None])
+        delta = F.softplus(delta) if delta_softplus else delta
+        T, nc = _chunking(u.shape[-1])
+        return out, _last_state(u.float(), delta, A.float(), B.float(), T, nc)
     u, delta, A = u.to(work), delta.to(work), A.to(work)
     B, C = B.to(work), C.to(work)
     if delta_bias is not None:
@@ -248,11 +294,6 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     if delta_softplus:
         delta = F.softplus(delta)
     batch, dim, length = u.shape
-    if (work == torch.float32 and not u.is_cuda and B.dim() == 3 and C.dim() == 3
-            and A.shape[1] <= 64 and fused_cpu_extension() is not None):
-        y = FusedScan.apply(u.contiguous(), delta.contiguous(), A.contiguous(),
-                            B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous())
-        return _finish(y, u, D, z, dtype_in, return_last_state, (delta, A, B))
     T, nc = _chunking(length)
     # chunk-major; padding has delta 0 (decay 1) and input 0, so it changes nothing before it
     d_c, u_c = _to_chunks(delta, T, nc), _to_chunks(u, T, nc)
