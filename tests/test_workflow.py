@@ -13,6 +13,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 import zarr
@@ -45,6 +46,8 @@ def tiny_config(workdir: Path) -> dict:
         "finetune": {"crop": [16, 32, 32], "steps": 2, "batch_size": 2, "warmup_steps": 1,
                      "validate_every": 2, "thresholds": [0.5]},
         "infer": {"block": [16, 32, 64], "window": [16, 32, 32], "overlap": [8, 16, 16]},
+        "agglomerate": {"block": [8, 32, 32], "tile": 32, "context": 8,
+                        "thresholds": [0.3, 0.5, 0.7]},
     }
 
 
@@ -104,6 +107,21 @@ def test_workflow_produces_data_and_tokens_for_every_dataset(finished_run):
         assert aff.shape == (3, 16, 64, 64) and aff.dtype == np.uint8
         assert aff.attrs["voxel_size"] == [40.0, 8.0, 8.0] and aff.attrs["scale"] == 255.0
         assert aff.chunks == (3, 16, 32, 64)
+    for exp in ("tokenunify", "none"):
+        seg = zarr.open_group(str(workdir / "results" / exp / "lab" / "segmentation.zarr"),
+                              mode="r")
+        assert seg.attrs["thresholds"] == [0.3, 0.5, 0.7]
+        for name in ("threshold_0.300", "threshold_0.500", "threshold_0.700", "fragments"):
+            assert seg[name].shape == (16, 64, 64) and seg[name].dtype == np.uint64
+        rows = pd.read_csv(workdir / "results" / exp / "lab" / "metrics.csv")
+        assert list(rows["threshold"]) == [0.3, 0.5, 0.7]
+        assert set(rows["experiment"]) == {exp} and set(rows["dataset"]) == {"lab"}
+        assert rows[["voi_split", "voi_merge", "voi", "arand"]].notna().all().all()
+        assert np.allclose(rows["voi"], rows["voi_split"] + rows["voi_merge"])
+    page = (workdir / "results" / "report" / "index.html").read_text()
+    for word in ("tokenunify", "none", "lab", "data:image/png;base64,"):
+        assert word in page
+    assert (workdir / "results" / "benchmarks" / "agglomerate" / "none" / "lab.tsv").exists()
     # A second run has nothing to do.
     proc = snakemake(workdir, "-n")
     assert "Nothing to be done" in proc.stdout + proc.stderr

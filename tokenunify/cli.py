@@ -2,8 +2,7 @@
 
 Every stage takes either ``--spec JSON`` (what the Snakemake rules pass, so that Snakemake reruns
 a stage whose settings changed) or ``--config FILE`` plus a dataset name (for use by hand).
-The stages still to come (agglomerate, evaluate, report) are listed but not yet implemented:
-they exit with an error saying so. ``infer`` takes ``--spec`` only.
+``infer``, ``agglomerate``, ``evaluate`` and ``report`` take ``--spec`` only.
 """
 
 from __future__ import annotations
@@ -13,6 +12,7 @@ import dataclasses
 import json
 import logging
 import sys
+from pathlib import Path
 
 from tokenunify import __version__
 from tokenunify.config import (
@@ -26,7 +26,6 @@ from tokenunify.config import (
 from tokenunify.io.sources import SourceError
 
 log = logging.getLogger("tokenunify")
-PENDING = ("agglomerate", "evaluate", "report")
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -168,8 +167,35 @@ def cmd_check(args) -> None:
              sorted(cfg.experiments))
 
 
-def _not_implemented(args) -> None:
-    raise NotImplementedError(f"the '{args.stage}' stage is not implemented yet")
+def _section(args, name: str) -> dict:
+    """The ``name`` section of ``--spec`` (lists become tuples for the dataclasses)."""
+    spec = json.loads(args.spec) if args.spec else {}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in spec.get(name, {}).items()}
+
+
+def cmd_agglomerate(args) -> None:
+    from tokenunify.agglomerate import AgglomerateConfig, run
+
+    cfg = AgglomerateConfig(**_section(args, "agglomerate"))
+    if args.workers:
+        cfg = dataclasses.replace(cfg, workers=args.workers)
+    run(args.affinities, args.out, cfg)
+
+
+def cmd_evaluate(args) -> None:
+    from tokenunify.evaluate import EvaluateConfig, run
+
+    run(args.segmentation, args.volume, args.out, args.experiment, args.dataset,
+        EvaluateConfig(**_section(args, "evaluate")))
+
+
+def cmd_report(args) -> None:
+    from tokenunify.report import build_report
+
+    spec = json.loads(args.spec) if args.spec else {}
+    build_report(Path(args.results), Path(args.out), spec.get("experiments", []),
+                 spec.get("test_datasets", []), spec.get("config", {}),
+                 fixed_threshold=float(spec.get("report", {}).get("fixed_threshold", 0.5)))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -243,9 +269,27 @@ def build_parser() -> argparse.ArgumentParser:
                     help="output channels of the model (1 pretraining, 3 affinities)")
     sp.set_defaults(func=cmd_import_weights)
 
-    for stage in PENDING:
-        sp = sub.add_parser(stage, help=f"{stage} stage (not implemented yet)")
-        sp.set_defaults(func=_not_implemented)
+    sp = sub.add_parser("agglomerate", help="affinities -> segmentation per threshold")
+    sp.add_argument("affinities", help="results/EXP/NAME/affinities.zarr")
+    sp.add_argument("--out", required=True, help="output segmentation.zarr")
+    sp.add_argument("--spec", help='settings as JSON: {"agglomerate": {...}}')
+    sp.add_argument("--workers", type=int, default=None, help="parallel block tasks")
+    sp.set_defaults(func=cmd_agglomerate)
+
+    sp = sub.add_parser("evaluate", help="VOI / ARAND of every threshold against labels")
+    sp.add_argument("segmentation", help="results/EXP/NAME/segmentation.zarr")
+    sp.add_argument("--volume", required=True, help="results/data/NAME.zarr (with labels)")
+    sp.add_argument("--out", required=True, help="output metrics.csv")
+    sp.add_argument("--experiment", required=True)
+    sp.add_argument("--dataset", required=True)
+    sp.add_argument("--spec", help='settings as JSON: {"evaluate": {...}}')
+    sp.set_defaults(func=cmd_evaluate)
+
+    sp = sub.add_parser("report", help="the HTML report comparing the experiments")
+    sp.add_argument("--results", default="results", help="the results folder")
+    sp.add_argument("--out", required=True, help="output index.html")
+    sp.add_argument("--spec", help="JSON: experiments, test_datasets, config, report")
+    sp.set_defaults(func=cmd_report)
     return p
 
 

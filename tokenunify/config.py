@@ -15,6 +15,7 @@ import difflib
 import hashlib
 import json
 import logging
+import os
 import re
 from dataclasses import asdict, dataclass, field
 from functools import cache
@@ -154,13 +155,29 @@ class SourceSpec:
     mapping: MappingSpec | None = None
 
     @classmethod
-    def from_dict(cls, d: dict) -> SourceSpec:
+    def from_dict(cls, d: dict, where: str = "source") -> SourceSpec:
         d = dict(d)
+        d["source"] = expand_env(str(d["source"]), where)
         if d.get("mapping"):
             d["mapping"] = MappingSpec(**d["mapping"])
         if d.get("intensity_range") is not None:
             d["intensity_range"] = tuple(d["intensity_range"])
         return cls(**d)
+
+
+_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def expand_env(value: str, where: str) -> str:
+    """Replace ``${VAR}`` with the environment variable's value (paths of shared data that
+    differ between machines); an unset variable is a ConfigError naming it and ``where``."""
+    def sub(m):
+        if m.group(1) not in os.environ:
+            raise ConfigError(f"{where}: environment variable {m.group(1)} is not set "
+                              f"(used in {value!r})")
+        return os.environ[m.group(1)]
+
+    return _ENV_RE.sub(sub, value)
 
 
 @dataclass(frozen=True)
@@ -183,8 +200,9 @@ class DatasetSpec:
         bbox = d.get("bbox")
         return cls(
             name=name,
-            raw=SourceSpec.from_dict(d["raw"]),
-            labels=SourceSpec.from_dict(d["labels"]) if d.get("labels") else None,
+            raw=SourceSpec.from_dict(d["raw"], f"datasets.{name}.raw.source"),
+            labels=(SourceSpec.from_dict(d["labels"], f"datasets.{name}.labels.source")
+                    if d.get("labels") else None),
             voxel_size=tuple(d["voxel_size"]) if d.get("voxel_size") else None,
             offset=tuple(d["offset"]) if d.get("offset") is not None else None,
             bbox=(tuple(bbox["start"]), tuple(bbox["stop"])) if bbox else None,

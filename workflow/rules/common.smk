@@ -84,17 +84,41 @@ def infer_spec(wildcards):
     return json.dumps({"infer": config["infer"]}, sort_keys=True)
 
 
+def agglomerate_spec(wildcards):
+    """JSON settings of the agglomerate stage."""
+    return json.dumps({"agglomerate": config["agglomerate"]}, sort_keys=True)
+
+
+def evaluate_spec(wildcards):
+    """JSON settings of the evaluate stage."""
+    return json.dumps({"evaluate": config["evaluate"]}, sort_keys=True)
+
+
+def report_spec(wildcards):
+    """What the report needs to know: experiments, test datasets, the config itself."""
+    return json.dumps(
+        {
+            "experiments": EXPERIMENTS,
+            "test_datasets": TEST_DATASETS,
+            "report": config["report"],
+            "config": config,
+        },
+        sort_keys=True,
+        default=str,
+    )
+
+
 def final_outputs():
-    """Everything the stages implemented so far produce, for every declared dataset."""
-    return expand(
-        [
-            "results/data/{dataset}.zarr",
-            "results/tokens/{dataset}.zarr",
-            "results/tokens/{dataset}.manifest.parquet",
-        ],
-        dataset=DATASETS,
-    ) + expand("results/models/{experiment}/pretrain", experiment=EXPERIMENTS) + expand(
-        "results/{experiment}/{dataset}/affinities.zarr",
-        experiment=EXPERIMENTS,
-        dataset=TEST_DATASETS,
+    """Every dataset's data and tokens, every experiment's models, and the report."""
+    return (
+        expand(
+            [
+                "results/data/{dataset}.zarr",
+                "results/tokens/{dataset}.zarr",
+                "results/tokens/{dataset}.manifest.parquet",
+            ],
+            dataset=DATASETS,
+        )
+        + expand("results/models/{experiment}/pretrain", experiment=EXPERIMENTS)
+        + ["results/report/index.html"]
     )

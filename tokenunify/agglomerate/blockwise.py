@@ -1,0 +1,276 @@
+"""The agglomerate stage: affinities.zarr -> segmentation.zarr, blockwise (default) or whole.
+
+Blockwise steps, each a set of Dask tasks over the block grid with a done marker per block, so a
+rerun after a crash redoes only what is missing (state lives in ``segmentation.zarr.partial``):
+
+1. ``fragments``: per block, tile fragments with local ids (``fragments.py``), written to the
+   ``fragments_local`` array, and a count per tile.
+2. ``offsets``: the counts of all tiles -> global id offsets (tile raster order).
+3. ``edges``: per block, edge statistics of its core plus a low-side one-voxel shell
+   (``graph.py``); every affinity sample is counted once.
+4. ``agglomerate``: one global merge of the fragment graph (``merge.py``) up to the largest
+   threshold; the merge history is stored in the ``graph`` group.
+5. ``relabel``: per block, fragments -> segments through one lookup table per threshold.
+
+Memory per task is bounded by the block (plus context); the global step holds only the graph.
+``method: waterz`` runs ``waterz.agglomerate`` on the whole volume instead (``reference.py``).
+Output: one uint64 array ``threshold_{t:.3f}`` per threshold, plus ``fragments``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import zarr
+
+from tokenunify.agglomerate import fragments as fr
+from tokenunify.agglomerate.graph import block_edges, reduce_edges, reduce_histograms
+from tokenunify.agglomerate.merge import MergeHistory, agglomerate_graph
+from tokenunify.agglomerate.scoring import DEFAULT, parse
+from tokenunify.io.zarrio import StagedOutput, blocks, create_volume, provenance
+
+log = logging.getLogger(__name__)
+OFFSETS = [[-1, 0, 0], [0, -1, 0], [0, 0, -1]]
+
+
+@dataclass
+class AgglomerateConfig:
+    """Settings of the agglomerate stage (config section ``agglomerate``).
+
+    thresholds: merge thresholds in [0, 1]. scoring: waterz scoring function. method:
+    'blockwise' or 'waterz' (whole volume). fragments: 'maxima_distance' (official seeded
+    watershed) or 'waterz' (waterz's own; method waterz only). tile, context: fragment tile edge
+    and context (voxels, y and x). block: (z, y, x) voxels per task; y and x multiples of tile.
+    workers: parallel tasks. scheduler: 'threads', 'processes' or a Dask scheduler address.
+    discretize_queue: waterz's queue binning (method waterz only).
+    """
+
+    thresholds: tuple = (0.3, 0.5, 0.7)
+    scoring: str = DEFAULT
+    method: str = "blockwise"
+    fragments: str = "maxima_distance"
+    tile: int = 64
+    context: int = 16
+    block: tuple = (32, 256, 256)
+    workers: int = 2
+    scheduler: str = "threads"
+    discretize_queue: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.thresholds = tuple(sorted(float(t) for t in self.thresholds))
+        self.block = tuple(int(b) for b in self.block)
+        bad = [t for t in self.thresholds if not 0.0 <= t <= 1.0]
+        if bad or not self.thresholds:
+            raise ValueError(f"agglomerate.thresholds must be a non-empty list of values in "
+                             f"[0, 1]; got {list(self.thresholds)}")
+        parse(self.scoring)
+        if self.method not in ("blockwise", "waterz"):
+            raise ValueError(f"agglomerate.method must be 'blockwise' or 'waterz', "
+                             f"not {self.method!r}")
+        if self.fragments not in ("maxima_distance", "waterz"):
+            raise ValueError(f"agglomerate.fragments must be 'maxima_distance' or 'waterz', "
+                             f"not {self.fragments!r}")
+        if self.method == "blockwise" and self.fragments != "maxima_distance":
+            raise ValueError("agglomerate.fragments 'waterz' needs agglomerate.method 'waterz' "
+                             "(waterz's own watershed is not blockwise)")
+        if self.method == "blockwise" and any(b % self.tile for b in self.block[1:]):
+            raise ValueError(f"agglomerate.block {list(self.block)}: y and x must be multiples "
+                             f"of agglomerate.tile ({self.tile}), so that fragments do not "
+                             f"depend on the block grid")
+
+
+def read_affinities(path: str | Path) -> tuple[zarr.Array, float]:
+    """Open ``affinities`` of an affinities.zarr and check it; returns (array, scale)."""
+    path = Path(path)
+    try:
+        arr = zarr.open_group(str(path), mode="r")["affinities"]
+    except (FileNotFoundError, KeyError) as exc:
+        raise ValueError(f"{path}: no 'affinities' array ({exc})") from None
+    if arr.ndim != 4 or arr.shape[0] != 3:
+        raise ValueError(f"{path}/affinities: shape {arr.shape}, expected (3, z, y, x)")
+    offs = arr.attrs.get("offsets")
+    if offs is not None and [list(map(int, o)) for o in offs] != OFFSETS:
+        raise ValueError(f"{path}/affinities: attribute offsets {offs} do not match the "
+                         f"pipeline's convention {OFFSETS}")
+    order = arr.attrs.get("channel_order")
+    if order is not None and list(order) != ["z", "y", "x"]:
+        raise ValueError(f"{path}/affinities: channel_order {order}, expected ['z', 'y', 'x']")
+    if len(arr.attrs.get("voxel_size", [1, 1, 1])) != 3:
+        raise ValueError(f"{path}/affinities: voxel_size must have 3 entries (z, y, x)")
+    scale = float(arr.attrs.get("scale", 255.0 if arr.dtype == np.uint8 else 1.0))
+    return arr, scale
+
+
+def _float(a: np.ndarray, scale: float) -> np.ndarray:
+    return a.astype(np.float32) / np.float32(scale) if scale != 1.0 else a.astype(np.float32)
+
+
+def _marker(work: Path, kind: str, idx) -> Path:
+    return work / ".done" / kind / "_".join(str(int(i)) for i in idx)
+
+
+def _mark(work: Path, kind: str, idx) -> None:
+    m = _marker(work, kind, idx)
+    m.parent.mkdir(parents=True, exist_ok=True)
+    m.touch()
+
+
+def _fragments_task(aff_path, scale, out, work, idx, box, tile, context):
+    aff = zarr.open_group(aff_path, mode="r")["affinities"]
+    H, W = aff.shape[2:]
+    (zs, ys, xs) = box
+    y0, x0 = max(0, ys.start - context), max(0, xs.start - context)
+    y1, x1 = min(H, ys.stop + context), min(W, xs.stop + context)
+    a = _float(aff[:, zs, y0:y1, x0:x1], scale)
+    local, counts = fr.block_fragments(a, (ys.start - y0, xs.start - x0),
+                                       (ys.stop - ys.start, xs.stop - xs.start), tile, context)
+    zarr.open_group(out, mode="r+")["fragments_local"][box] = local
+    np.save(Path(work) / "counts" / ("_".join(map(str, idx)) + ".npy"), counts)
+    _mark(Path(work), "fragments", idx)
+
+
+def _global_fragments(out, offsets, box, tile, shell=(0, 0, 0)) -> np.ndarray:
+    lo = [s.start - h for s, h in zip(box, shell, strict=True)]
+    loc = zarr.open_group(out, mode="r")["fragments_local"][
+        tuple(slice(a, s.stop) for a, s in zip(lo, box, strict=True))]
+    return fr.globalize(loc, offsets, lo[0], lo[1], lo[2], tile)
+
+
+def _edges_task(aff_path, scale, out, work, idx, box, tile, offsets, hist_bins):
+    shell = tuple(int(s.start > 0) for s in box)
+    frag = _global_fragments(out, offsets, box, tile, shell)
+    aff = _float(zarr.open_group(aff_path, mode="r")["affinities"][(slice(None),) + box], scale)
+    edges, hist = block_edges(frag, aff, shell, hist_bins)
+    name = "_".join(map(str, idx))
+    edges.to_parquet(Path(work) / "edges" / f"{name}.parquet")
+    if hist is not None:
+        hist.to_parquet(Path(work) / "edges" / f"{name}.hist.parquet")
+    _mark(Path(work), "edges", idx)
+
+
+def _relabel_task(out, work, idx, box, tile, offsets, luts: dict):
+    frag = _global_fragments(out, offsets, box, tile)
+    root = zarr.open_group(out, mode="r+")
+    for name, lut in luts.items():
+        root[name][box] = lut[frag]
+    root["fragments"][box] = frag
+    _mark(Path(work), "relabel", idx)
+
+
+def _compute(tasks, cfg: AgglomerateConfig, desc: str) -> None:
+    """Run dask.delayed tasks with the configured scheduler."""
+    import dask
+
+    if not tasks:
+        return
+    t0 = time.perf_counter()
+    if cfg.scheduler in ("threads", "processes", "synchronous"):
+        dask.compute(*tasks, scheduler=cfg.scheduler, num_workers=cfg.workers)
+    else:
+        from distributed import Client
+
+        with Client(cfg.scheduler) as client:
+            client.compute(list(tasks), sync=True)
+    log.info("%s: %d blocks in %.1f s", desc, len(tasks), time.perf_counter() - t0)
+
+
+def threshold_name(t: float) -> str:
+    """Array name of the segmentation at threshold t."""
+    return f"threshold_{t:.3f}"
+
+
+def _blockwise(aff_path: str, scale: float, shape, stage: Path, cfg: AgglomerateConfig
+               ) -> MergeHistory:
+    from dask import delayed
+
+    out, work = str(stage), stage / ".work"
+    for sub in ("counts", "edges"):
+        (work / sub).mkdir(parents=True, exist_ok=True)
+    grid = list(blocks(shape, cfg.block))
+    scoring = parse(cfg.scoring)
+    todo = [delayed(_fragments_task, pure=False)(aff_path, scale, out, str(work), i, b, cfg.tile,
+                                                 cfg.context)
+            for i, b in grid if not _marker(work, "fragments", i).exists()]
+    _compute(todo, cfg, "fragments")
+    ty, tx = fr.tile_grid(shape[1:], cfg.tile)
+    counts = np.zeros((shape[0], ty, tx), np.int64)
+    for i, (zs, ys, xs) in grid:
+        c = np.load(work / "counts" / ("_".join(map(str, i)) + ".npy"))
+        counts[zs, ys.start // cfg.tile:ys.start // cfg.tile + c.shape[1],
+               xs.start // cfg.tile:xs.start // cfg.tile + c.shape[2]] = c
+    offsets = fr.tile_offsets(counts)
+    n_frag = int(counts.sum())
+    hist_bins = scoring.bins if scoring.needs_histogram else None
+    todo = [delayed(_edges_task, pure=False)(aff_path, scale, out, str(work), i, b, cfg.tile,
+                                             offsets, hist_bins)
+            for i, b in grid if not _marker(work, "edges", i).exists()]
+    _compute(todo, cfg, "edges")
+    edges = reduce_edges([pd.read_parquet(p) for p in sorted((work / "edges").glob("*_*.parquet"))
+                          if not p.name.endswith(".hist.parquet")])
+    hist = (reduce_histograms([pd.read_parquet(p) for p in
+                               sorted((work / "edges").glob("*.hist.parquet"))])
+            if hist_bins else None)
+    log.info("fragment graph: %d fragments, %d edges", n_frag, len(edges))
+    history = agglomerate_graph(edges, n_frag, scoring, max(cfg.thresholds), hist)
+    luts = {threshold_name(t): history.lut(t) for t in cfg.thresholds}
+    todo = [delayed(_relabel_task, pure=False)(out, str(work), i, b, cfg.tile, offsets, luts)
+            for i, b in grid if not _marker(work, "relabel", i).exists()]
+    _compute(todo, cfg, "relabel")
+    return history
+
+
+def run(affinities: str | Path, out: str | Path, cfg: AgglomerateConfig = AgglomerateConfig(),
+        config_digest: str = "") -> Path:
+    """Agglomerate ``affinities`` (an affinities.zarr) into ``out`` (segmentation.zarr)."""
+    from tokenunify.config import digest
+
+    aff, scale = read_affinities(affinities)
+    shape = aff.shape[1:]
+    vs, off = aff.attrs.get("voxel_size", [1.0] * 3), aff.attrs.get("offset", [0.0] * 3)
+    dig = digest({"cfg": asdict(cfg), "affinities": str(affinities), "shape": list(shape),
+                  "aff": aff.attrs.get("provenance", {}), "run": config_digest})
+    stage = StagedOutput(out, dig)
+    root = zarr.open_group(str(stage.path), mode="a", zarr_format=3)
+    block = tuple(min(b, n) for b, n in zip(cfg.block, shape, strict=True))
+    names = [threshold_name(t) for t in cfg.thresholds]
+    for name in names + ["fragments"]:
+        create_volume(root, name, shape, block, np.uint64, vs, off)
+    if cfg.method == "waterz":
+        segs = __import__("tokenunify.agglomerate.reference", fromlist=["x"]).waterz_segmentations(
+            _float(aff[:], scale), cfg.thresholds, cfg.scoring,
+            "maxima_distance" if cfg.fragments == "maxima_distance" else "waterz",
+            cfg.discretize_queue)
+        for t, seg in segs.items():
+            root[threshold_name(t)][:] = seg
+        frag = (fr.whole_volume_fragments(_float(aff[:], scale), tile=None)
+                if cfg.fragments == "maxima_distance" else np.zeros(shape, np.uint64))
+        root["fragments"][:] = frag
+        history = None
+    else:
+        create_volume(root, "fragments_local", shape, block, np.uint32, vs, off)
+        history = _blockwise(str(affinities), scale, shape, stage.path, cfg)
+        del root["fragments_local"]
+        g = root.require_group("graph")
+        for k in ("u", "v", "level"):
+            data = getattr(history, k)
+            if k in g:
+                del g[k]
+            g.create_array(k, shape=data.shape, dtype=data.dtype, chunks=(max(1, len(data)),))
+            g[k][:] = data
+        g.attrs.update({"description": "merge history: fragment u absorbed v at level (score)",
+                        "n_fragments": history.n_fragments})
+    root.attrs.update({"thresholds": list(cfg.thresholds), "arrays": names,
+                       "scoring": cfg.scoring, "method": cfg.method,
+                       "fragments": cfg.fragments, "tile": cfg.tile, "context": cfg.context,
+                       "voxel_size": list(vs), "offset": list(off),
+                       "provenance": provenance("agglomerate", dig, [str(affinities)])})
+    import shutil
+
+    shutil.rmtree(stage.path / ".work", ignore_errors=True)
+    return stage.commit()

@@ -1,0 +1,175 @@
+"""The report stage: one self-contained HTML page comparing the pretraining experiments.
+
+Sections (see :func:`build_report`):
+
+1. datasets, experiments and the run's config (YAML);
+2. per test dataset, a score table laid out like the TokenUnify paper's Table 1 (VOI_M, VOI_S,
+   VOI in bits, ARAND; lower is better) at each experiment's best threshold and at a fixed one,
+   and the VOI split/merge curve over agglomeration thresholds;
+3. pretraining and fine-tuning loss curves;
+4. middle z-section views (raw, affinities, segmentation, ground truth, largest split / merge);
+5. per-rule run times from Snakemake benchmark files.
+
+Missing optional inputs (training logs, zarr volumes, benchmarks) give an italic note in their
+section and a logged warning; missing or malformed ``metrics.csv`` files are errors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from html import escape
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from tokenunify.report import figures, page, tables
+from tokenunify.report.sections import error_caption, load_section
+
+log = logging.getLogger(__name__)
+
+TITLE = "TokenUnify segmentation report"
+
+
+def _anchor(*parts: str) -> str:
+    return "-".join("".join(ch if ch.isalnum() else "_" for ch in p) for p in parts)
+
+
+def _intro(results: Path, config: dict, experiments: list[str], test_datasets: list[str]) -> str:
+    body = page.para(f"Experiments: {', '.join(experiments)}. Test datasets: "
+                     f"{', '.join(test_datasets)}. Results folder: {results}.", "meta")
+    body += "<h3>Datasets</h3>\n" + page.simple_table(tables.datasets_table(config, results))
+    body += "<h3>Experiments</h3>\n" + page.simple_table(tables.experiments_table(config,
+                                                                                 experiments))
+    plain = json.loads(json.dumps(config, default=str))  # tuples -> lists, paths -> strings
+    dump = yaml.safe_dump(plain, sort_keys=False, default_flow_style=None, allow_unicode=True)
+    body += ("<details><summary>Run configuration (YAML)</summary>\n<pre>"
+             f"{escape(dump)}</pre></details>\n")
+    return page.section("setup", "Datasets, experiments and configuration", body)
+
+
+def _scores(metrics: pd.DataFrame, experiments: list[str], test_datasets: list[str],
+            colors: dict[str, str], fixed_threshold: float) -> str:
+    body = page.para("VOI_M = VOI merge (under-segmentation), VOI_S = VOI split "
+                     "(over-segmentation), VOI = VOI_M + VOI_S, all in bits; ARAND = 1 − Rand "
+                     "F-score. Lower is better for all; the best value of each column is bold. "
+                     "'segments' counts the segments of the agglomeration.")
+    for ds in test_datasets:
+        table = tables.score_table(metrics, ds, experiments, fixed_threshold)
+        body_ds = page.score_table_html(table, fixed_threshold)
+        settings = tables.eval_settings(metrics, ds)
+        body_ds += page.para("Ground-truth preparation (from metrics.csv): " + "; ".join(
+            f"{k} = {', '.join(f'{v:g}' for v in vals) or '—'}" for k, vals in settings.items())
+            + " (voxels).")
+        uri = figures.voi_curve(metrics[metrics["dataset"] == ds], experiments, colors,
+                                f"{ds}: VOI split vs merge over thresholds")
+        body_ds += page.figure(uri, f"{ds}: VOI split (x) against VOI merge (y), one line per "
+                               "experiment over the agglomeration thresholds (labels on the "
+                               "points); ★ marks the threshold of minimum VOI; dotted lines are "
+                               "iso-VOI. Closer to the origin is better.", f"VOI curve {ds}")
+        body += page.section(_anchor("scores", ds), f"Test dataset {ds}", body_ds, level=3)
+    return page.section("scores", "Segmentation scores", body)
+
+
+def _training(results: Path, experiments: list[str], colors: dict[str, str]) -> str:
+    body = ""
+    for stage, what in (("pretrain", "Self-supervised pretraining"), ("finetune", "Fine-tuning")):
+        logs, missing = tables.read_training_logs(results, experiments, stage)
+        part = page.notes(missing)
+        uri = figures.loss_curves(logs, colors, stage)
+        cap = (f"{what}: training loss per logged step (log scale), one line per experiment"
+               + ("; right: validation VOI (bits) of the checkpoints." if stage == "finetune"
+                  else "."))
+        part += page.figure(uri, cap, f"{stage} loss") if uri else page.note(
+            f"No {stage} loss curve to draw.")
+        body += page.section(_anchor("training", stage), what, part, level=3)
+    return page.section("training", "Training curves", body)
+
+
+def _views(results: Path, metrics: pd.DataFrame, experiments: list[str],
+           test_datasets: list[str]) -> str:
+    body = page.para("Middle z-section of each test volume at each experiment's best threshold. "
+                     "Segment and GT colours are random per id (0 black). The largest split and "
+                     "merge are computed over the whole volume against the labels as stored (label "
+                     "0 ignored, without the gt_min_size / gt_border_width preparation of the "
+                     "scores); the two bottom-right panels paint them over the raw section.")
+    best = tables.best_rows(metrics)
+    for ds in test_datasets:
+        part = ""
+        for exp in experiments:
+            t = float(best.loc[(exp, ds), "threshold"])
+            sec = load_section(results, exp, ds, t)
+            uri = figures.section_views(sec, f"{exp} on {ds} (threshold {t:.3f})", t)
+            part += page.notes([f"{exp}: {n}" for n in sec.notes])
+            part += page.figure(uri, f"{exp} on {ds}, z = {sec.z}: {error_caption(sec)}",
+                                f"section {exp} {ds}")
+        body += page.section(_anchor("views", ds), f"Test dataset {ds}", part, level=3)
+    return page.section("views", "Section views", body)
+
+
+def _runtimes(results: Path) -> str:
+    bench = tables.read_benchmarks(results)
+    if bench.empty:
+        log.warning("no benchmark files under %s", results / "benchmarks")
+        return page.section("runtimes", "Run times", page.note(
+            f"No benchmark files found under {results / 'benchmarks'}."))
+    table = tables.runtime_table(bench)
+    body = page.simple_table(table, {"jobs": 0, "total s": 1, "max RSS (MB)": 0})
+    body += page.figure(figures.runtime_bars(table), "Total wall time per rule (sum over its "
+                        "jobs, from Snakemake benchmark files).", "run times")
+    jobs = bench.rename(columns={"s": "wall s", "max_rss": "max RSS (MB)"})
+    body += ("<details><summary>Per job</summary>\n"
+             + page.simple_table(jobs, {"wall s": 1, "max RSS (MB)": 0}) + "</details>\n")
+    return page.section("runtimes", "Run times", body)
+
+
+def build_report(results: Path, out: Path, experiments: list[str], test_datasets: list[str],
+                 config: dict, fixed_threshold: float = 0.5) -> Path:
+    """Write one self-contained HTML page (images embedded as base64 PNG) to ``out``.
+
+    The page is written to a temporary name in the same folder, then moved into place with
+    :func:`os.replace`, so ``out`` is never half-written.
+
+    Args:
+        results: the run's ``results/`` folder (inputs are read relative to it).
+        out: the HTML file to write.
+        experiments: experiment names, in table/legend order.
+        test_datasets: test dataset names.
+        config: the validated Snakemake config (``datasets``, ``experiments``, ...).
+        fixed_threshold: agglomeration threshold of the second score block (the nearest
+            available threshold of each experiment is used).
+
+    Returns:
+        ``out``.
+
+    Raises:
+        ValueError: a ``metrics.csv`` of a requested experiment x dataset is missing or lacks a
+            required column (the message names the file).
+    """
+    results, out = Path(results), Path(out)
+    experiments, test_datasets = list(experiments), list(test_datasets)
+    metrics = tables.read_metrics(results, experiments, test_datasets)
+    colors = {e: f"C{i % 10}" for i, e in enumerate(experiments)}
+    log.info("report: %d experiments x %d test datasets", len(experiments), len(test_datasets))
+    toc = [("setup", "Datasets, experiments and configuration"), ("scores", "Segmentation scores"),
+           ("training", "Training curves"), ("views", "Section views"),
+           ("runtimes", "Run times")]
+    body = (_intro(results, config, experiments, test_datasets)
+            + _scores(metrics, experiments, test_datasets, colors, fixed_threshold)
+            + _training(results, experiments, colors)
+            + _views(results, metrics, experiments, test_datasets)
+            + _runtimes(results))
+    generated = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    html = page.page(TITLE, generated, toc, body)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(html, encoding="utf-8")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.info("wrote %s (%.1f kB)", out, len(html) / 1024)
+    return out
