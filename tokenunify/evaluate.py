@@ -70,12 +70,13 @@ def prepare_gt(labels, cfg: EvaluateConfig):
 
 
 def run(segmentation: str | Path, volume: str | Path, out: str | Path, experiment: str,
-        dataset: str, cfg: EvaluateConfig = EvaluateConfig()) -> pd.DataFrame:
+        dataset: str, cfg: EvaluateConfig | None = None) -> pd.DataFrame:
     """Score every threshold of ``segmentation`` against ``volume``'s ``labels``; write ``out``.
 
     Raises ValueError naming the file when the labels are missing, their shape differs from the
     segmentation's, or a segmentation is empty (all 0).
     """
+    cfg = cfg or EvaluateConfig()
     seg_root = zarr.open_group(str(segmentation), mode="r")
     names = seg_root.attrs.get("arrays")
     thresholds = seg_root.attrs.get("thresholds")

@@ -225,11 +225,12 @@ def _blockwise(aff_path: str, scale: float, shape, stage: Path, cfg: Agglomerate
     return history
 
 
-def run(affinities: str | Path, out: str | Path, cfg: AgglomerateConfig = AgglomerateConfig(),
+def run(affinities: str | Path, out: str | Path, cfg: AgglomerateConfig | None = None,
         config_digest: str = "") -> Path:
     """Agglomerate ``affinities`` (an affinities.zarr) into ``out`` (segmentation.zarr)."""
     from tokenunify.config import digest
 
+    cfg = cfg or AgglomerateConfig()
     aff, scale = read_affinities(affinities)
     shape = aff.shape[1:]
     vs, off = aff.attrs.get("voxel_size", [1.0] * 3), aff.attrs.get("offset", [0.0] * 3)

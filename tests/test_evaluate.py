@@ -1,0 +1,83 @@
+"""The evaluate stage: tidy metrics rows against skimage, ground-truth options, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import zarr
+from skimage.metrics import adapted_rand_error, variation_of_information
+
+from tokenunify.affinities import widen_borders
+from tokenunify.evaluate import COLUMNS, EvaluateConfig, run
+from tokenunify.io.zarrio import create_volume
+
+
+def write(tmp_path, labels, segs: dict, name="seg.zarr"):
+    vol = zarr.open_group(str(tmp_path / "vol.zarr"), mode="w")
+    create_volume(vol, "labels", labels.shape, labels.shape, np.uint64, [40, 8, 8],
+                  [0, 0, 0])[:] = labels
+    root = zarr.open_group(str(tmp_path / name), mode="w")
+    names = []
+    for t, seg in segs.items():
+        n = f"threshold_{t:.3f}"
+        create_volume(root, n, seg.shape, seg.shape, np.uint64, [40, 8, 8], [0, 0, 0])[:] = seg
+        names.append(n)
+    root.attrs.update({"thresholds": list(segs), "arrays": names})
+    return tmp_path / name, tmp_path / "vol.zarr"
+
+
+@pytest.fixture
+def volumes(tiny_em):
+    gt = tiny_em["labels"].astype(np.uint64)
+    rng = np.random.default_rng(0)
+    merged = np.where(gt % 3 == 0, gt + 1, gt)  # merges some bodies
+    split = gt * 2 + (rng.random(gt.shape) < 0.01)  # splits speckles off
+    return gt, {0.3: split, 0.5: gt.copy(), 0.7: merged}
+
+
+def test_rows_complete_and_equal_to_skimage(volumes, tmp_path):
+    gt, segs = volumes
+    seg, vol = write(tmp_path, gt, segs)
+    df = run(seg, vol, tmp_path / "out" / "metrics.csv", "tokenunify", "demo_test")
+    on_disk = pd.read_csv(tmp_path / "out" / "metrics.csv")
+    assert list(on_disk.columns) == COLUMNS and len(on_disk) == 3
+    assert list(on_disk["threshold"]) == [0.3, 0.5, 0.7]
+    assert not list((tmp_path / "out").glob("*.tmp"))
+    for row in df.itertuples():
+        s = segs[row.threshold]
+        split, merge = variation_of_information(gt, s, ignore_labels=(0,))
+        assert row.voi_split == pytest.approx(split, abs=1e-9)
+        assert row.voi_merge == pytest.approx(merge, abs=1e-9)
+        assert row.arand == pytest.approx(adapted_rand_error(gt, s, ignore_labels=(0,))[0],
+                                          abs=1e-9)
+    assert df.loc[df.threshold == 0.5, "voi"].item() == 0
+
+
+def test_ground_truth_options_are_applied_and_recorded(volumes, tmp_path):
+    gt, segs = volumes
+    seg, vol = write(tmp_path, gt, segs)
+    ids, counts = np.unique(gt[gt > 0], return_counts=True)
+    min_size = int(np.sort(counts)[2]) + 1  # drops the 3 smallest bodies at least
+    df = run(seg, vol, tmp_path / "m.csv", "e", "d",
+             EvaluateConfig(gt_min_size=min_size, gt_border_width=1))
+    prepared = widen_borders(gt, 1)
+    pid, pc = np.unique(prepared, return_counts=True)
+    prepared[np.isin(prepared, pid[(pc < min_size) & (pid > 0)])] = 0
+    split, merge = variation_of_information(prepared, segs[0.7], ignore_labels=(0,))
+    row = df[df.threshold == 0.7].iloc[0]
+    assert row.voi_merge == pytest.approx(merge, abs=1e-9)
+    assert row.gt_min_size == min_size and row.gt_border_width == 1
+
+
+def test_bad_input_is_named(volumes, tmp_path):
+    gt, segs = volumes
+    seg, vol = write(tmp_path, gt[:, :-1], {0.5: segs[0.5]})
+    with pytest.raises(ValueError, match=r"labels has shape \(16, 95, 96\).*threshold_0.500"):
+        run(seg, vol, tmp_path / "m.csv", "e", "d")
+    seg, vol = write(tmp_path, gt, {0.5: np.zeros_like(gt)})
+    with pytest.raises(ValueError, match="threshold_0.500 is empty"):
+        run(seg, vol, tmp_path / "m.csv", "e", "d")
+    assert not (tmp_path / "m.csv").exists()
+    with pytest.raises(ValueError, match="gt_min_size"):
+        EvaluateConfig(gt_min_size=-1)
