@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,7 @@ import pandas as pd
 import zarr
 
 from tokenunify.agglomerate import fragments as fr
-from tokenunify.agglomerate.graph import block_edges, reduce_edges, reduce_histograms
+from tokenunify.agglomerate.graph import block_edges, reduce_edges, reduce_histograms, stitch
 from tokenunify.agglomerate.merge import MergeHistory, agglomerate_graph
 from tokenunify.agglomerate.scoring import DEFAULT, parse
 from tokenunify.io.zarrio import StagedOutput, blocks, create_volume, provenance
@@ -47,7 +47,9 @@ class AgglomerateConfig:
     watershed) or 'waterz' (waterz's own; method waterz only). tile, context: fragment tile edge
     and context (voxels, y and x). block: (z, y, x) voxels per task; y and x multiples of tile.
     workers: parallel tasks. scheduler: 'threads', 'processes' or a Dask scheduler address.
-    discretize_queue: waterz's queue binning (method waterz only).
+    discretize_queue: waterz's queue binning (method waterz only). stitch_threshold: fragments
+    split by a tile edge are joined first when the mean affinity across the cut is at least this
+    (None: never), so that they enter the merge as the one fragment they would have been.
     """
 
     thresholds: tuple = (0.3, 0.5, 0.7)
@@ -60,7 +62,7 @@ class AgglomerateConfig:
     workers: int = 2
     scheduler: str = "threads"
     discretize_queue: int = 0
-    extra: dict = field(default_factory=dict)
+    stitch_threshold: float | None = 0.5
 
     def __post_init__(self):
         self.thresholds = tuple(sorted(float(t) for t in self.thresholds))
@@ -146,7 +148,8 @@ def _edges_task(aff_path, scale, out, work, idx, box, tile, offsets, hist_bins):
     shell = tuple(int(s.start > 0) for s in box)
     frag = _global_fragments(out, offsets, box, tile, shell)
     aff = _float(zarr.open_group(aff_path, mode="r")["affinities"][(slice(None),) + box], scale)
-    edges, hist = block_edges(frag, aff, shell, hist_bins)
+    origin = tuple(s.start for s in box)
+    edges, hist = block_edges(frag, aff, shell, hist_bins, origin, tile)
     name = "_".join(map(str, idx))
     edges.to_parquet(Path(work) / "edges" / f"{name}.parquet")
     if hist is not None:
@@ -217,7 +220,11 @@ def _blockwise(aff_path: str, scale: float, shape, stage: Path, cfg: Agglomerate
                                sorted((work / "edges").glob("*.hist.parquet"))])
             if hist_bins else None)
     log.info("fragment graph: %d fragments, %d edges", n_frag, len(edges))
+    pre, edges, hist = stitch(edges, n_frag, cfg.stitch_threshold, hist)
+    log.info("stitching across tile edges: %d fragments in %d groups, %d edges",
+             n_frag, len(np.unique(pre)) - 1, len(edges))
     history = agglomerate_graph(edges, n_frag, scoring, max(cfg.thresholds), hist)
+    history.pre = pre
     luts = {threshold_name(t): history.lut(t) for t in cfg.thresholds}
     todo = [delayed(_relabel_task, pure=False)(out, str(work), i, b, cfg.tile, offsets, luts)
             for i, b in grid if not _marker(work, "relabel", i).exists()]
@@ -258,13 +265,14 @@ def run(affinities: str | Path, out: str | Path, cfg: AgglomerateConfig | None =
         history = _blockwise(str(affinities), scale, shape, stage.path, cfg)
         del root["fragments_local"]
         g = root.require_group("graph")
-        for k in ("u", "v", "level"):
+        for k in ("u", "v", "level", "pre"):
             data = getattr(history, k)
             if k in g:
                 del g[k]
             g.create_array(k, shape=data.shape, dtype=data.dtype, chunks=(max(1, len(data)),))
             g[k][:] = data
-        g.attrs.update({"description": "merge history: fragment u absorbed v at level (score)",
+        g.attrs.update({"description": "merge history: fragment u absorbed v at level (score); "
+                                       "pre: fragment -> stitched representative (applied first)",
                         "n_fragments": history.n_fragments})
     root.attrs.update({"thresholds": list(cfg.thresholds), "arrays": names,
                        "scoring": cfg.scoring, "method": cfg.method,

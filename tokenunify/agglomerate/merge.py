@@ -38,12 +38,14 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class MergeHistory:
-    """Merges in order: fragment ids u, v (uint64) and level (float64) each of length M."""
+    """Merges in order: fragment ids u, v (uint64) and level (float64) each of length M; ``pre``
+    maps fragments onto the stitched representatives the merges are expressed in."""
 
     u: np.ndarray
     v: np.ndarray
     level: np.ndarray
     n_fragments: int
+    pre: np.ndarray | None = None  # fragment -> stitched representative, applied first
 
     def lut(self, threshold: float) -> np.ndarray:
         """Fragment id -> segment id at ``threshold``, (n_fragments + 1,) uint64.
@@ -61,7 +63,7 @@ class MergeHistory:
         np.minimum.at(smallest, comp, np.arange(n, dtype=np.int64))
         out = smallest[comp].astype(np.uint64)
         out[0] = 0
-        return out
+        return out if self.pre is None else out[self.pre.astype(np.int64)]
 
 
 def agglomerate_graph(edges: pd.DataFrame, n_fragments: int, scoring: Scoring,
