@@ -80,9 +80,8 @@ def agglomerate(work: Path, method: str, block, thresholds) -> dict:
     import zarr
 
     from tokenunify.agglomerate import AgglomerateConfig, run, threshold_name
-    from tokenunify.metrics import evaluate
-
     from tokenunify.agglomerate import blockwise as bw
+    from tokenunify.metrics import evaluate
 
     cfg = AgglomerateConfig(method=method, block=tuple(block), thresholds=tuple(thresholds),
                             tile=64, context=16, workers=2)
