@@ -56,8 +56,8 @@ class AgglomerateConfig:
     scoring: str = DEFAULT
     method: str = "blockwise"
     fragments: str = "maxima_distance"
-    tile: int = 64
-    context: int = 16
+    tile: int = 128
+    context: int = 32
     block: tuple = (32, 256, 256)
     workers: int = 2
     scheduler: str = "threads"
