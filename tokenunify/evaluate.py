@@ -2,8 +2,9 @@
 
 One tidy row per threshold: VOI split (over-segmentation, H(seg|gt)), VOI merge
 (under-segmentation, H(gt|seg)), VOI = split + merge (bits), ARAND = 1 - Rand F-score, all
-from :mod:`tokenunify.metrics` (checked against skimage and waterz.evaluate); ground-truth
-label 0 is ignored, as in TokenUnify's evaluation.
+from :mod:`tokenunify.metrics` (checked against skimage and waterz.evaluate), and
+``n_segments``, the segments that overlap labelled ground truth. Ground-truth label 0 is
+ignored, as in TokenUnify's evaluation.
 
 Optional ground-truth preparation, recorded in every row:
 

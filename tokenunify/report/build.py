@@ -56,7 +56,7 @@ def _scores(metrics: pd.DataFrame, experiments: list[str], test_datasets: list[s
     body = page.para("VOI_M = VOI merge (under-segmentation), VOI_S = VOI split "
                      "(over-segmentation), VOI = VOI_M + VOI_S, all in bits; ARAND = 1 − Rand "
                      "F-score. Lower is better for all; the best value of each column is bold. "
-                     "'segments' counts the segments of the agglomeration.")
+                     "'segments' counts the segments that overlap labelled ground truth.")
     for ds in test_datasets:
         table = tables.score_table(metrics, ds, experiments, fixed_threshold)
         body_ds = page.score_table_html(table, fixed_threshold)
