@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -180,3 +181,24 @@ def test_lint_is_clean():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "Congratulations" in proc.stdout + proc.stderr, \
         proc.stdout + proc.stderr
+
+
+def test_job_count_does_not_grow_with_the_block_count(tmp_path):
+    """A declared 3200 x 16384 x 16384 volume is 409 600 blocks of 32 x 256 x 256; the blockwise
+    stages still make one job per experiment (blocks are Dask tasks inside the job)."""
+    g = zarr.open_group(str(tmp_path / "big.zarr"), mode="w")
+    for name, dtype in (("raw", "uint8"), ("labels", "uint64")):
+        g.create_array(name, shape=(3200, 16384, 16384), chunks=(64, 512, 512), dtype=dtype)
+    cfg = {"datasets": {"big": {"raw": {"source": "big.zarr", "key": "raw"},
+                                "labels": {"source": "big.zarr", "key": "labels"},
+                                "voxel_size": [40, 8, 8], "roles": ["pretrain", "train", "test"]}},
+           "experiments": {"tokenunify": {"pretraining": "tokenunify"},
+                           "none": {"pretraining": "none"}},
+           "infer": {"block": [32, 256, 256]}, "agglomerate": {"block": [32, 256, 256]}}
+    write_config(tmp_path, cfg)
+    proc = snakemake(tmp_path, "-n")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    counts = dict(re.findall(r"^(\w+)\s+(\d+)$", out, flags=re.M))
+    assert counts["infer"] == counts["agglomerate"] == counts["evaluate"] == "2"
+    assert int(counts["total"]) == 1 + 1 + 2 * 5 + 1 + 1  # download, tokenize, 5 per exp, report, all
