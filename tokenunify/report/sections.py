@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import zarr
 
+from tokenunify.agglomerate.blockwise import threshold_name
 from tokenunify.metrics import Contingency, contingency_blockwise
 
 log = logging.getLogger(__name__)
@@ -67,41 +68,41 @@ class SectionData:
     notes: list[str] = field(default_factory=list)
 
 
+def _worst(df: pd.DataFrame, key: str):
+    """Id (in column ``key``) with the most voxels outside its largest overlap.
+
+    ``df`` (gt, seg, n) is sorted by decreasing count. Returns (id, total voxels, its rows
+    largest first, excess voxels), or None when no ``key`` id overlaps more than one other id.
+    """
+    if df.empty:
+        return None
+    grouped = df.groupby(key, sort=False)["n"]
+    size = grouped.sum()
+    excess = size - grouped.max()
+    if excess.max() <= 0:
+        return None
+    worst = int(excess.idxmax())
+    return worst, int(size[worst]), df[df[key] == worst], int(excess[worst])
+
+
 def largest_errors(table: Contingency) -> tuple[Split | None, Merge | None]:
     """The largest split and merge of a contingency table; None where there is none."""
     df = pd.DataFrame({"gt": table.gt, "seg": table.seg, "n": table.count})
-    if df.empty:
-        return None, None
     df = df.sort_values(["n", "gt", "seg"], ascending=[False, True, True], kind="stable")
     split = merge = None
-    by_gt = df.groupby("gt", sort=False)
-    size = by_gt["n"].sum()
-    excess = size - by_gt["n"].max()
-    if excess.max() > 0:
-        body = int(excess.idxmax())
-        rows = df[df["gt"] == body]
-        split = Split(body=body, size=int(size[body]), n_segments=len(rows),
+    found = _worst(df, "gt")
+    if found:
+        body, size, rows, excess = found
+        split = Split(body=body, size=size, n_segments=len(rows),
                       main_segment=int(rows["seg"].iloc[0]), main_count=int(rows["n"].iloc[0]),
-                      others=tuple(int(s) for s in rows["seg"].iloc[1:]),
-                      excess=int(excess[body]))
-    segs = df[df["seg"] != 0]
-    if not segs.empty:
-        by_seg = segs.groupby("seg", sort=False)
-        ssize = by_seg["n"].sum()
-        sexcess = ssize - by_seg["n"].max()
-        if sexcess.max() > 0:
-            seg = int(sexcess.idxmax())
-            rows = segs[segs["seg"] == seg]
-            merge = Merge(segment=seg, size=int(ssize[seg]), n_bodies=len(rows),
-                          main_body=int(rows["gt"].iloc[0]), main_count=int(rows["n"].iloc[0]),
-                          others=tuple(int(g) for g in rows["gt"].iloc[1:]),
-                          excess=int(sexcess[seg]))
+                      others=tuple(int(s) for s in rows["seg"].iloc[1:]), excess=excess)
+    found = _worst(df[df["seg"] != 0], "seg")  # segment 0 is "no segment", not a merge
+    if found:
+        seg, size, rows, excess = found
+        merge = Merge(segment=seg, size=size, n_bodies=len(rows),
+                      main_body=int(rows["gt"].iloc[0]), main_count=int(rows["n"].iloc[0]),
+                      others=tuple(int(g) for g in rows["gt"].iloc[1:]), excess=excess)
     return split, merge
-
-
-def threshold_name(threshold: float) -> str:
-    """Array name of one threshold's segmentation in ``segmentation.zarr``."""
-    return f"threshold_{threshold:.3f}"
 
 
 def _open(path: Path, what: str, notes: list[str]) -> zarr.Group | None:
