@@ -198,3 +198,15 @@ def test_bad_input_is_named(synthetic, tmp_path):
     with pytest.raises(ValueError, match=r"shape \(2, 24, 128, 128\), expected \(3, z, y, x\)"):
         run(two, tmp_path / "o.zarr", AgglomerateConfig(block=(24, 128, 128)))
     assert not (tmp_path / "o.zarr").exists()
+
+
+@pytest.mark.parametrize("fragments", ["maxima_distance", "waterz"])
+def test_method_waterz_writes_waterz_own_result(synthetic, tmp_path, fragments):
+    _, path, aff = synthetic
+    cfg = AgglomerateConfig(method="waterz", fragments=fragments, thresholds=THRESHOLDS)
+    root = zarr.open_group(str(run(path, tmp_path / "w.zarr", cfg)), mode="r")
+    ref = waterz_segmentations(aff, THRESHOLDS, fragments=fragments)
+    for t in THRESHOLDS:
+        assert np.array_equal(root[threshold_name(t)][:], ref[t])
+    if fragments == "maxima_distance":
+        assert np.array_equal(root["fragments"][:], whole_volume_fragments(aff, tile=None))

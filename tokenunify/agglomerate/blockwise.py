@@ -20,6 +20,7 @@ Output: one uint64 array ``threshold_{t:.3f}`` per threshold, plus ``fragments``
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ import zarr
 from tokenunify.agglomerate import fragments as fr
 from tokenunify.agglomerate.graph import block_edges, reduce_edges, reduce_histograms, stitch
 from tokenunify.agglomerate.merge import MergeHistory, agglomerate_graph
+from tokenunify.agglomerate.reference import waterz_segmentations
 from tokenunify.agglomerate.scoring import DEFAULT, parse
 from tokenunify.io.zarrio import StagedOutput, blocks, create_volume, provenance
 
@@ -250,16 +252,14 @@ def run(affinities: str | Path, out: str | Path, cfg: AgglomerateConfig | None =
     for name in names + ["fragments"]:
         create_volume(root, name, shape, block, np.uint64, vs, off)
     if cfg.method == "waterz":
-        segs = __import__("tokenunify.agglomerate.reference", fromlist=["x"]).waterz_segmentations(
-            _float(aff[:], scale), cfg.thresholds, cfg.scoring,
-            "maxima_distance" if cfg.fragments == "maxima_distance" else "waterz",
-            cfg.discretize_queue)
-        for t, seg in segs.items():
+        a = _float(aff[:], scale)
+        frag = (fr.whole_volume_fragments(a, tile=None) if cfg.fragments == "maxima_distance"
+                else None)
+        for t, seg in waterz_segmentations(a, cfg.thresholds, cfg.scoring, frag,
+                                           cfg.discretize_queue).items():
             root[threshold_name(t)][:] = seg
-        frag = (fr.whole_volume_fragments(_float(aff[:], scale), tile=None)
-                if cfg.fragments == "maxima_distance" else np.zeros(shape, np.uint64))
-        root["fragments"][:] = frag
-        history = None
+        if frag is not None:  # waterz's own fragments stay inside waterz
+            root["fragments"][:] = frag
     else:
         create_volume(root, "fragments_local", shape, block, np.uint32, vs, off)
         history = _blockwise(str(affinities), scale, shape, stage.path, cfg)
@@ -279,7 +279,5 @@ def run(affinities: str | Path, out: str | Path, cfg: AgglomerateConfig | None =
                        "fragments": cfg.fragments, "tile": cfg.tile, "context": cfg.context,
                        "voxel_size": list(vs), "offset": list(off),
                        "provenance": provenance("agglomerate", dig, [str(affinities)])})
-    import shutil
-
     shutil.rmtree(stage.path / ".work", ignore_errors=True)
     return stage.commit()
