@@ -31,10 +31,10 @@ from skimage.segmentation import watershed
 
 
 def section_fragments(aff_y: np.ndarray, aff_x: np.ndarray, mask: np.ndarray | None = None,
-                      seed_threshold: float = 0.5) -> tuple[np.ndarray, int]:
+                      seed_threshold: float = 0.5) -> np.ndarray:
     """Seeded watershed of one section. aff_y, aff_x: (y, x) float in [0, 1].
 
-    Returns (fragments (y, x) uint32 with ids 1..n, n). ``mask`` (bool, (y, x)) marks voxels
+    Returns fragments (y, x) uint32, one id per seed. ``mask`` (bool, (y, x)) marks voxels
     that may be labelled (False = outside the data); None: all.
     """
     b = 1.0 - 0.5 * (aff_y.astype(np.float32) + aff_x.astype(np.float32))
@@ -46,8 +46,7 @@ def section_fragments(aff_y: np.ndarray, aff_x: np.ndarray, mask: np.ndarray | N
         seeds = label(local_maxima(dist, connectivity=2) & inside, connectivity=1)
     else:  # no interior at all: one seed for the whole section, as regmax of a flat map gives
         seeds = np.ones(b.shape, np.int32) if mask is None else mask.astype(np.int32)
-    frag = watershed(b, seeds, connectivity=1, mask=mask)
-    return frag.astype(np.uint32), int(seeds.max())
+    return watershed(b, seeds, connectivity=1, mask=mask).astype(np.uint32)
 
 
 def _renumber(frag: np.ndarray) -> tuple[np.ndarray, int]:
@@ -86,8 +85,8 @@ def block_fragments(aff: np.ndarray, origin_yx: tuple[int, int], core_yx: tuple[
     if tile is None:
         counts = np.zeros((nz, 1, 1), np.int64)
         for z in range(nz):
-            f, _ = section_fragments(aff[1, z, oy:oy + cy, ox:ox + cx],
-                                     aff[2, z, oy:oy + cy, ox:ox + cx])
+            f = section_fragments(aff[1, z, oy:oy + cy, ox:ox + cx],
+                                  aff[2, z, oy:oy + cy, ox:ox + cx])
             out[z], counts[z, 0, 0] = _renumber(f)
         return out, counts
     ty, tx = tile_grid((cy, cx), tile)
@@ -100,7 +99,7 @@ def block_fragments(aff: np.ndarray, origin_yx: tuple[int, int], core_yx: tuple[
                 y1, x1 = min(y0 + tile, oy + cy), min(x0 + tile, ox + cx)
                 wy0, wx0 = max(0, y0 - context), max(0, x0 - context)
                 wy1, wx1 = min(H, y1 + context), min(W, x1 + context)
-                f, _ = section_fragments(aff[1, z, wy0:wy1, wx0:wx1], aff[2, z, wy0:wy1, wx0:wx1])
+                f = section_fragments(aff[1, z, wy0:wy1, wx0:wx1], aff[2, z, wy0:wy1, wx0:wx1])
                 crop = f[y0 - wy0:y1 - wy0, x0 - wx0:x1 - wx0]
                 loc, n = _renumber(crop)
                 out[z, y0 - oy:y1 - oy, x0 - ox:x1 - ox] = loc
@@ -121,11 +120,7 @@ def globalize(local: np.ndarray, offsets: np.ndarray, z0: int, y0: int, x0: int,
         ty = (np.arange(y0, y0 + ny) // tile)[None, :, None]
         tx = (np.arange(x0, x0 + nx) // tile)[None, None, :]
         off = offsets[np.arange(z0, z0 + nz)[:, None, None], ty, tx]
-    out = local.astype(np.uint64)
-    nonzero = local != 0
-    out[nonzero] += off.astype(np.uint64) if np.ndim(off) == 0 else \
-        np.broadcast_to(off, local.shape)[nonzero]
-    return out
+    return np.where(local != 0, local.astype(np.uint64) + off.astype(np.uint64), 0)
 
 
 def whole_volume_fragments(aff: np.ndarray, tile: int | None = None,
