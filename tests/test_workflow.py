@@ -46,9 +46,11 @@ def tiny_config(workdir: Path) -> dict:
         "pretrain": {"steps": 3, "batch_size": 2, "warmup_steps": 1, "checkpoint_every": 2},
         "finetune": {"crop": [16, 32, 32], "steps": 2, "batch_size": 2, "warmup_steps": 1,
                      "validate_every": 2, "thresholds": [0.5]},
-        "infer": {"block": [16, 32, 64], "window": [16, 32, 32], "overlap": [8, 16, 16]},
+        # 2 infer blocks in 2 batch jobs; 8 agglomerate blocks in 2 batch jobs per phase
+        "infer": {"block": [16, 32, 64], "window": [16, 32, 32], "overlap": [8, 16, 16],
+                  "batch_blocks": 1},
         "agglomerate": {"block": [8, 32, 32], "tile": 32, "context": 8,
-                        "thresholds": [0.3, 0.5, 0.7]},
+                        "thresholds": [0.3, 0.5, 0.7], "batch_blocks": 4},
     }
 
 
@@ -123,6 +125,17 @@ def test_workflow_produces_data_and_tokens_for_every_dataset(finished_run):
     for word in ("tokenunify", "none", "lab", "data:image/png;base64,"):
         assert word in page
     assert (workdir / "results" / "benchmarks" / "agglomerate" / "none" / "lab.tsv").exists()
+    # the blockwise stages ran as batch jobs; their done markers (temp) and staging are gone
+    logs = workdir / "logs"
+    for exp in ("tokenunify", "none"):
+        assert sorted(p.name for p in (logs / "infer" / exp).glob("lab.batch*.log")) == \
+            ["lab.batch0.log", "lab.batch1.log"]
+        names = {p.name for p in (logs / "agglomerate" / exp).glob("lab.*.log")}
+        assert names == {f"lab.{ph}{b}.log" for ph in ("fragments", "edges", "relabel")
+                         for b in (0, 1)} | {"lab.merge.log"}
+        for d in ("affinities", "segmentation"):
+            assert not list((workdir / "results" / exp / "lab").glob(f"{d}.batches/*"))
+            assert not (workdir / "results" / exp / "lab" / f"{d}.zarr.partial").exists()
     # A second run has nothing to do.
     proc = snakemake(workdir, "-n")
     assert "Nothing to be done" in proc.stdout + proc.stderr
@@ -183,22 +196,27 @@ def test_lint_is_clean():
         proc.stdout + proc.stderr
 
 
-def test_job_count_does_not_grow_with_the_block_count(tmp_path):
-    """A declared 3200 x 16384 x 16384 volume is 409 600 blocks of 32 x 256 x 256; the blockwise
-    stages still make one job per experiment (blocks are Dask tasks inside the job)."""
+def test_job_count_of_a_volume_of_100_000_blocks_is_bounded(tmp_path):
+    """A declared 3200 x 10240 x 6400 volume is 100 000 blocks of 32 x 256 x 256. With
+    batch_blocks 1000 each blockwise phase makes 100 jobs: hundreds of jobs in all, not 10^5."""
     g = zarr.open_group(str(tmp_path / "big.zarr"), mode="w")
     for name, dtype in (("raw", "uint8"), ("labels", "uint64")):
-        g.create_array(name, shape=(3200, 16384, 16384), chunks=(64, 512, 512), dtype=dtype)
+        g.create_array(name, shape=(3200, 10240, 6400), chunks=(64, 512, 512), dtype=dtype)
     cfg = {"datasets": {"big": {"raw": {"source": "big.zarr", "key": "raw"},
                                 "labels": {"source": "big.zarr", "key": "labels"},
                                 "voxel_size": [40, 8, 8], "roles": ["pretrain", "train", "test"]}},
            "experiments": {"tokenunify": {"pretraining": "tokenunify"},
                            "none": {"pretraining": "none"}},
-           "infer": {"block": [32, 256, 256]}, "agglomerate": {"block": [32, 256, 256]}}
+           "infer": {"block": [32, 256, 256], "batch_blocks": 1000},
+           "agglomerate": {"block": [32, 256, 256], "batch_blocks": 1000}}
     write_config(tmp_path, cfg)
     proc = snakemake(tmp_path, "-n")
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout + proc.stderr
-    counts = dict(re.findall(r"^(\w+)\s+(\d+)$", out, flags=re.M))
-    assert counts["infer"] == counts["agglomerate"] == counts["evaluate"] == "2"
-    assert int(counts["total"]) == 1 + 1 + 2 * 5 + 1 + 1  # download, tokenize, 5 per exp, report, all
+    counts = {k: int(v) for k, v in re.findall(r"^(\w+)\s+(\d+)$", out, flags=re.M)}
+    per_exp = {"infer_batch": 100, "infer": 1, "agglomerate_phase": 300, "agglomerate_merge": 1,
+               "agglomerate": 1, "evaluate": 1}
+    for rule, n in per_exp.items():
+        assert counts[rule] == 2 * n, (rule, counts)
+    # download, tokenize, report, all + per experiment: pretrain, finetune and the above
+    assert counts["total"] == 4 + 2 * (2 + sum(per_exp.values())) == 816

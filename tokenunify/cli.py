@@ -80,12 +80,16 @@ def cmd_tokenize(args) -> None:
     tokenize.run(args.volume, args.out, args.manifest, dataclasses.replace(tk, workers=args.workers))
 
 
-def _relaunch_under_torchrun(nproc: int) -> bool:
-    """Re-run this command under torchrun with ``nproc`` local processes, unless already in
-    torchrun or nproc is 1. Returns True when it did (the caller then stops)."""
+def _relaunch_under_torchrun(nproc: int | None, config_nproc: int) -> bool:
+    """Re-run this command under torchrun (see :func:`tokenunify.train.distributed.plan_launch`:
+    ``--nproc`` locally, the job's GPUs and nodes under Slurm), unless already in torchrun or the
+    plan is one process. Returns True when it did (the caller then stops)."""
     from tokenunify.train import distributed
 
-    if nproc <= 1 or distributed.in_torchrun():
+    if distributed.in_torchrun():
+        return False
+    plan = distributed.plan_launch(nproc, config_nproc)
+    if plan.world <= 1:
         return False
     # drop --nproc: torchrun's parser would take it for an abbreviation of --nproc-per-node
     argv, skip = [], False
@@ -96,7 +100,7 @@ def _relaunch_under_torchrun(nproc: int) -> bool:
             skip = True
         elif not a.startswith("--nproc="):
             argv.append(a)
-    code = distributed.launch_local(nproc, argv)
+    code = distributed.launch(plan, argv)
     if code:
         raise RuntimeError(f"torchrun failed with exit code {code}")
     return True
@@ -118,7 +122,7 @@ def cmd_pretrain(args) -> None:
     cfg, spec = _stage_config(args)
     exp, full = _experiment(cfg, spec, args.experiment)
     pcfg = PretrainConfig.from_dict(full["pretrain"])
-    if _relaunch_under_torchrun(args.nproc or pcfg.nproc):
+    if _relaunch_under_torchrun(args.nproc, pcfg.nproc):
         return
     run(args.tokens, args.out, args.experiment, exp["pretraining"], pcfg, full)
 
@@ -129,7 +133,7 @@ def cmd_finetune(args) -> None:
     cfg, spec = _stage_config(args)
     _, full = _experiment(cfg, spec, args.experiment)
     fcfg = FinetuneConfig.from_dict(full["finetune"])
-    if _relaunch_under_torchrun(args.nproc or fcfg.nproc):
+    if _relaunch_under_torchrun(args.nproc, fcfg.nproc):
         return
     run(args.pretrained, args.train, args.validate, args.out, args.experiment, fcfg)
 
@@ -144,7 +148,7 @@ def cmd_infer(args) -> None:
         cfg = dataclasses.replace(cfg, workers=args.workers)
     if args.threads:
         cfg = dataclasses.replace(cfg, threads_per_worker=args.threads)
-    run(args.volume, args.checkpoint, args.out, cfg)
+    run(args.volume, args.checkpoint, args.out, cfg, batch=args.batch)
 
 
 def cmd_import_weights(args) -> None:
@@ -179,7 +183,7 @@ def cmd_agglomerate(args) -> None:
     cfg = AgglomerateConfig(**_section(args, "agglomerate"))
     if args.workers:
         cfg = dataclasses.replace(cfg, workers=args.workers)
-    run(args.affinities, args.out, cfg)
+    run(args.affinities, args.out, cfg, phase=args.phase, batch=args.batch)
 
 
 def cmd_evaluate(args) -> None:
@@ -236,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--tokens", nargs="+", required=True, help="results/tokens/NAME.zarr ...")
     sp.add_argument("--out", required=True, help="output folder results/models/EXP/pretrain")
     sp.add_argument("--nproc", type=int, default=None,
-                    help="local torchrun processes (default: pretrain.nproc)")
+                    help="torchrun processes per node (default: the GPUs of the Slurm job, "
+                         "else pretrain.nproc)")
     sp.add_argument("--config", help="pipeline config YAML (config/config.yaml)")
     sp.add_argument("--spec", help="stage settings as JSON (what the rules pass)")
     sp.set_defaults(func=cmd_pretrain)
@@ -248,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--spec", help='settings as JSON: {"infer": {...}}')
     sp.add_argument("--workers", type=int, default=None, help="Dask worker processes")
     sp.add_argument("--threads", type=int, default=None, help="threads per Dask worker")
+    sp.add_argument("--batch", type=int, default=None,
+                    help="predict only batch N of infer.batch_blocks blocks (no commit)")
     sp.set_defaults(func=cmd_infer)
 
     sp = sub.add_parser("finetune", help="fine-tune a pretrained EMmamba for affinities")
@@ -256,7 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--train", nargs="+", required=True, help="results/data/NAME.zarr (train)")
     sp.add_argument("--validate", nargs="*", default=[], help="results/data/NAME.zarr (validate)")
     sp.add_argument("--out", required=True, help="output folder results/models/EXP/finetune")
-    sp.add_argument("--nproc", type=int, default=None, help="local torchrun processes")
+    sp.add_argument("--nproc", type=int, default=None,
+                    help="torchrun processes per node (default: the GPUs of the Slurm job, "
+                         "else finetune.nproc)")
     sp.add_argument("--config", help="pipeline config YAML (config/config.yaml)")
     sp.add_argument("--spec", help="stage settings as JSON (what the rules pass)")
     sp.set_defaults(func=cmd_finetune)
@@ -274,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, help="output segmentation.zarr")
     sp.add_argument("--spec", help='settings as JSON: {"agglomerate": {...}}')
     sp.add_argument("--workers", type=int, default=None, help="parallel block tasks")
+    sp.add_argument("--phase", choices=["fragments", "edges", "merge", "relabel"], default=None,
+                    help="run only this phase (for --batch N of agglomerate.batch_blocks blocks)")
+    sp.add_argument("--batch", type=int, default=None, help="the batch of --phase (default all)")
     sp.set_defaults(func=cmd_agglomerate)
 
     sp = sub.add_parser("evaluate", help="VOI / ARAND of every threshold against labels")

@@ -22,6 +22,11 @@ rounded) or float16; attributes voxel_size, offset, axis_names, units, scale, pr
 Resume: each finished block leaves a done marker in ``affinities.zarr.partial``; a rerun after a
 crash predicts only the missing blocks, and the folder is renamed into place when complete.
 The model is loaded once per Dask worker process, not once per block.
+
+Cluster and batches (:mod:`tokenunify.cluster`): the Dask tasks run locally, on an existing
+scheduler or on a dask-jobqueue SLURMCluster (``dask``); ``run(..., batch=i)`` predicts only
+batch i of ``batch_blocks`` blocks into the shared staging folder (one Snakemake job per batch)
+and the call without ``batch`` predicts what is left and renames the result into place.
 """
 
 from __future__ import annotations
@@ -30,14 +35,15 @@ import itertools
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import zarr
 
-from tokenunify.io.zarrio import StagedOutput, blocks, create_volume, provenance
+from tokenunify.cluster import DaskConfig, batch_of, dask_client
+from tokenunify.io.zarrio import StagedOutput, blocks, create_volume, exclusive, provenance
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +59,13 @@ class InferConfig:
     batch_size: int = 4
     tta: bool = False  # average over the 8 flips of z, y, x
     dtype: str = "uint8"  # uint8 (x 255) or float16
-    workers: int = 1
-    threads_per_worker: int = 2
-    scheduler: str | None = None  # address of an existing Dask scheduler, or None for local
+    workers: int = 1  # local Dask worker processes
+    threads_per_worker: int = 2  # Dask threads per worker, and torch threads per block task
+    dask: DaskConfig = field(default_factory=DaskConfig)  # local, address or slurm
+    batch_blocks: int | None = None  # blocks per Snakemake job (None: one job)
 
     def __post_init__(self):
+        object.__setattr__(self, "dask", DaskConfig.from_dict(self.dask))
         for w, o in zip(self.window, self.overlap, strict=True):
             if not 0 <= o < w:
                 raise ValueError(f"infer.overlap {self.overlap} must be >= 0 and < window "
@@ -208,6 +216,9 @@ def _encode(aff: np.ndarray, dtype: str) -> np.ndarray:
 def _block_task(raw_path: str, out_path: str, checkpoint: str, idx, core, cfg: InferConfig,
                 done_dir: str) -> float:
     t0 = time.perf_counter()
+    # the same torch thread count wherever the task runs (a Dask nanny sets OMP_NUM_THREADS=1):
+    # float sums, and so the stored affinities, depend on it
+    torch.set_num_threads(cfg.threads_per_worker)
     raw = zarr.open_group(raw_path, mode="r")["raw"]
     out = zarr.open_group(out_path, mode="r+")["affinities"]
     aff = predict_block(raw, checkpoint, core, cfg)
@@ -221,7 +232,7 @@ def _block_task(raw_path: str, out_path: str, checkpoint: str, idx, core, cfg: I
 
 
 def run(volume: str | Path, checkpoint: str | Path, out: str | Path,
-        cfg: InferConfig = InferConfig(), client=None) -> Path:
+        cfg: InferConfig = InferConfig(), client=None, batch: int | None = None) -> Path:
     """Predict affinities of ``volume``'s raw array into ``out`` (``affinities.zarr``).
 
     Args:
@@ -229,8 +240,10 @@ def run(volume: str | Path, checkpoint: str | Path, out: str | Path,
         checkpoint: fine-tuned checkpoint (EMmamba with 3 output channels).
         out: output folder.
         cfg: block, window, overlap (voxels), blending, TTA, dtype, Dask settings.
-        client: an existing ``distributed.Client``; default: a LocalCluster (or
-            ``cfg.scheduler``'s address) started and closed here.
+        client: an existing ``distributed.Client``; default: ``cfg.dask``'s cluster (a
+            LocalCluster for ``local``) started and closed here.
+        batch: predict only this batch of ``cfg.batch_blocks`` blocks into the staging folder
+            and return its path; None: predict every missing block and commit ``out``.
     """
     from distributed import Client, LocalCluster, as_completed
     from tqdm.auto import tqdm
@@ -243,39 +256,48 @@ def run(volume: str | Path, checkpoint: str | Path, out: str | Path,
     state = ckpt.load(checkpoint)
     out_ch = state["model_config"]["out_channels"]
     block = tuple(min(b, n) for b, n in zip(cfg.block, raw.shape, strict=True))
-    dig = digest({"cfg": cfg.__dict__, "volume": str(volume), "checkpoint": str(checkpoint),
+    # what changes the result (not where or in how many jobs it runs)
+    settings = {k: v for k, v in cfg.__dict__.items()
+                if k not in ("dask", "batch_blocks", "workers", "threads_per_worker")}
+    dig = digest({"cfg": settings, "volume": str(volume), "checkpoint": str(checkpoint),
                   "step": state.get("step")})
-    stage = StagedOutput(out, dig)
-    root = zarr.open_group(str(stage.path), mode="a", zarr_format=3)
-    create_volume(root, "affinities", raw.shape, block, cfg.dtype, raw.attrs["voxel_size"],
-                  raw.attrs["offset"], channels=out_ch,
-                  attrs={"offsets": [[-1, 0, 0], [0, -1, 0], [0, 0, -1]],
-                         "channel_order": ["z", "y", "x"],
-                         "scale": 255.0 if cfg.dtype == "uint8" else 1.0,
-                         "provenance": provenance("infer", dig, [str(volume), str(checkpoint)]),
-                         "window": list(cfg.window), "overlap": list(cfg.overlap),
-                         "tta": cfg.tta})
+    with exclusive(out):  # batch jobs of this stage may start together
+        stage = StagedOutput(out, dig)
+        root = zarr.open_group(str(stage.path), mode="a", zarr_format=3)
+        create_volume(root, "affinities", raw.shape, block, cfg.dtype, raw.attrs["voxel_size"],
+                      raw.attrs["offset"], channels=out_ch,
+                      attrs={"offsets": [[-1, 0, 0], [0, -1, 0], [0, 0, -1]],
+                             "channel_order": ["z", "y", "x"],
+                             "scale": 255.0 if cfg.dtype == "uint8" else 1.0,
+                             "provenance": provenance("infer", dig,
+                                                      [str(volume), str(checkpoint)]),
+                             "window": list(cfg.window), "overlap": list(cfg.overlap),
+                             "tta": cfg.tta})
     done_dir = stage.path / ".done" / "block"
-    todo = [(i, b) for i, b in blocks(raw.shape, block) if not stage.is_done("block", i)]
-    total = sum(1 for _ in blocks(raw.shape, block))
-    log.info("%s: %d of %d blocks to predict", volume, len(todo), total)
-    own = client is None
-    if own:
-        if cfg.scheduler:
-            client = Client(cfg.scheduler)
-        else:
+    grid = list(blocks(raw.shape, block))
+    mine = batch_of(grid, batch, cfg.batch_blocks)
+    todo = [(i, b) for i, b in mine if not stage.is_done("block", i)]
+    what = "all blocks" if batch is None else f"batch {batch}"
+    log.info("%s (%s): %d of %d blocks to predict", volume, what, len(todo), len(mine))
+    with dask_client(cfg.dask, len(todo), "infer") as cluster_client:
+        own = client is None and cluster_client is None
+        if cluster_client is not None and client is None:
+            client = cluster_client
+        elif own:
             client = Client(LocalCluster(n_workers=cfg.workers,
                                          threads_per_worker=cfg.threads_per_worker,
                                          processes=cfg.workers > 1, dashboard_address=None))
-    try:
-        futures = [client.submit(_block_task, str(volume), str(stage.path), str(checkpoint), i,
-                                 b, cfg, str(done_dir), pure=False) for i, b in todo]
-        with tqdm(total=total, initial=total - len(todo), desc="infer", unit="block",
-                  disable=None) as bar:
-            for fut in as_completed(futures):
-                fut.result()
-                bar.update()
-    finally:
-        if own:
-            client.close()
+        try:
+            futures = [client.submit(_block_task, str(volume), str(stage.path), str(checkpoint),
+                                     i, b, cfg, str(done_dir), pure=False) for i, b in todo]
+            with tqdm(total=len(mine), initial=len(mine) - len(todo), desc="infer",
+                      unit="block", disable=None) as bar:
+                for fut in as_completed(futures):
+                    fut.result()
+                    bar.update()
+        finally:
+            if own:
+                client.close()
+    if batch is not None:
+        return stage.path
     return stage.commit()

@@ -14,6 +14,12 @@ rerun after a crash redoes only what is missing (state lives in ``segmentation.z
 
 Memory per task is bounded by the block (plus context); the global step holds only the graph.
 ``method: waterz`` runs ``waterz.agglomerate`` on the whole volume instead (``reference.py``).
+
+Batches (``batch_blocks``, :mod:`tokenunify.cluster`): ``run(..., phase=P, batch=i)`` runs phase
+P (``fragments``, ``edges``, ``relabel``) for batch i only, or the global ``merge``, finishing
+any earlier phase's missing blocks first; the workflow makes one job per batch and phase. The
+call without ``phase`` finishes everything and renames the result into place. The Dask tasks run
+on ``dask``'s cluster (local threads/processes, a scheduler address or a SLURMCluster).
 Output: one uint64 array ``threshold_{t:.3f}`` per threshold, plus ``fragments``.
 """
 
@@ -22,7 +28,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +40,8 @@ from tokenunify.agglomerate.graph import block_edges, reduce_edges, reduce_histo
 from tokenunify.agglomerate.merge import MergeHistory, agglomerate_graph
 from tokenunify.agglomerate.reference import waterz_segmentations
 from tokenunify.agglomerate.scoring import DEFAULT, parse
-from tokenunify.io.zarrio import StagedOutput, blocks, create_volume, provenance
+from tokenunify.cluster import DaskConfig, batch_of, dask_client
+from tokenunify.io.zarrio import StagedOutput, blocks, create_volume, exclusive, provenance
 
 log = logging.getLogger(__name__)
 OFFSETS = [[-1, 0, 0], [0, -1, 0], [0, 0, -1]]
@@ -48,7 +55,9 @@ class AgglomerateConfig:
     'blockwise' or 'waterz' (whole volume). fragments: 'maxima_distance' (official seeded
     watershed) or 'waterz' (waterz's own; method waterz only). tile, context: fragment tile edge
     and context (voxels, y and x). block: (z, y, x) voxels per task; y and x multiples of tile.
-    workers: parallel tasks. scheduler: 'threads', 'processes' or a Dask scheduler address.
+    workers: parallel tasks. scheduler: local Dask scheduler, 'threads', 'processes' or
+    'synchronous'. dask: the cluster (:class:`tokenunify.cluster.DaskConfig`; with ``local`` the
+    scheduler above). batch_blocks: blocks per Snakemake job (None: one job).
     discretize_queue: waterz's queue binning (method waterz only). stitch_threshold: fragments
     split by a tile edge are joined first when the mean affinity across the cut is at least this
     (None: never), so that they enter the merge as the one fragment they would have been.
@@ -65,8 +74,15 @@ class AgglomerateConfig:
     scheduler: str = "threads"
     discretize_queue: int = 0
     stitch_threshold: float | None = 0.5
+    dask: DaskConfig = field(default_factory=DaskConfig)
+    batch_blocks: int | None = None
 
     def __post_init__(self):
+        self.dask = DaskConfig.from_dict(self.dask)
+        if self.scheduler not in ("threads", "processes", "synchronous"):
+            raise ValueError(f"agglomerate.scheduler must be threads, processes or synchronous, "
+                             f"not {self.scheduler!r} (a scheduler address goes in "
+                             f"agglomerate.dask: {{cluster: address, address: ...}})")
         self.thresholds = tuple(sorted(float(t) for t in self.thresholds))
         self.block = tuple(int(b) for b in self.block)
         bad = [t for t in self.thresholds if not 0.0 <= t <= 1.0]
@@ -168,20 +184,17 @@ def _relabel_task(out, work, idx, box, tile, offsets, luts: dict):
     _mark(Path(work), "relabel", idx)
 
 
-def _compute(tasks, cfg: AgglomerateConfig, desc: str) -> None:
-    """Run dask.delayed tasks with the configured scheduler."""
+def _compute(tasks, cfg: AgglomerateConfig, desc: str, client=None) -> None:
+    """Run dask.delayed tasks on ``client`` (a cluster) or the configured local scheduler."""
     import dask
 
     if not tasks:
         return
     t0 = time.perf_counter()
-    if cfg.scheduler in ("threads", "processes", "synchronous"):
+    if client is None:
         dask.compute(*tasks, scheduler=cfg.scheduler, num_workers=cfg.workers)
     else:
-        from distributed import Client
-
-        with Client(cfg.scheduler) as client:
-            client.compute(list(tasks), sync=True)
+        client.compute(list(tasks), sync=True)
     log.info("%s: %d blocks in %.1f s", desc, len(tasks), time.perf_counter() - t0)
 
 
@@ -190,67 +203,124 @@ def threshold_name(t: float) -> str:
     return f"threshold_{t:.3f}"
 
 
-def _blockwise(aff_path: str, scale: float, shape, stage: Path, cfg: AgglomerateConfig
-               ) -> MergeHistory:
-    from dask import delayed
+PHASES = ("fragments", "edges", "merge", "relabel")
 
-    out, work = str(stage), stage / ".work"
-    for sub in ("counts", "edges"):
-        (work / sub).mkdir(parents=True, exist_ok=True)
-    grid = list(blocks(shape, cfg.block))
-    scoring = parse(cfg.scoring)
-    todo = [delayed(_fragments_task, pure=False)(aff_path, scale, out, str(work), i, b, cfg.tile,
-                                                 cfg.context)
-            for i, b in grid if not _marker(work, "fragments", i).exists()]
-    _compute(todo, cfg, "fragments")
-    ty, tx = fr.tile_grid(shape[1:], cfg.tile)
-    counts = np.zeros((shape[0], ty, tx), np.int64)
-    for i, (zs, ys, xs) in grid:
-        c = np.load(work / "counts" / ("_".join(map(str, i)) + ".npy"))
-        counts[zs, ys.start // cfg.tile:ys.start // cfg.tile + c.shape[1],
-               xs.start // cfg.tile:xs.start // cfg.tile + c.shape[2]] = c
-    offsets = fr.tile_offsets(counts)
-    n_frag = int(counts.sum())
-    hist_bins = scoring.bins if scoring.needs_histogram else None
-    todo = [delayed(_edges_task, pure=False)(aff_path, scale, out, str(work), i, b, cfg.tile,
-                                             offsets, hist_bins)
-            for i, b in grid if not _marker(work, "edges", i).exists()]
-    _compute(todo, cfg, "edges")
-    edges = reduce_edges([pd.read_parquet(p) for p in sorted((work / "edges").glob("*_*.parquet"))
-                          if not p.name.endswith(".hist.parquet")])
-    hist = (reduce_histograms([pd.read_parquet(p) for p in
-                               sorted((work / "edges").glob("*.hist.parquet"))])
-            if hist_bins else None)
-    log.info("fragment graph: %d fragments, %d edges", n_frag, len(edges))
-    pre, edges, hist = stitch(edges, n_frag, cfg.stitch_threshold, hist)
-    log.info("stitching across tile edges: %d fragments in %d groups, %d edges",
-             n_frag, len(np.unique(pre)) - 1, len(edges))
-    history = agglomerate_graph(edges, n_frag, scoring, max(cfg.thresholds), hist)
-    history.pre = pre
-    luts = {threshold_name(t): history.lut(t) for t in cfg.thresholds}
-    todo = [delayed(_relabel_task, pure=False)(out, str(work), i, b, cfg.tile, offsets, luts)
-            for i, b in grid if not _marker(work, "relabel", i).exists()]
-    _compute(todo, cfg, "relabel")
-    return history
+
+class _Blockwise:
+    """The blockwise phases over ``stage`` (the staging folder); see the module docstring."""
+
+    def __init__(self, aff_path: str, scale: float, shape, stage: Path, cfg: AgglomerateConfig,
+                 client=None):
+        self.aff_path, self.scale, self.shape, self.cfg = aff_path, scale, shape, cfg
+        self.out, self.work = str(stage), stage / ".work"
+        for sub in ("counts", "edges"):
+            (self.work / sub).mkdir(parents=True, exist_ok=True)
+        self.grid = list(blocks(shape, cfg.block))
+        self.scoring = parse(cfg.scoring)
+        self.client = client
+
+    def _todo(self, kind: str, subset) -> list:
+        return [(i, b) for i, b in subset if not _marker(self.work, kind, i).exists()]
+
+    def fragments(self, subset) -> None:
+        from dask import delayed
+
+        c = self.cfg
+        _compute([delayed(_fragments_task, pure=False)(self.aff_path, self.scale, self.out,
+                                                       str(self.work), i, b, c.tile, c.context)
+                  for i, b in self._todo("fragments", subset)], c, "fragments", self.client)
+
+    def offsets(self) -> tuple[np.ndarray, int]:
+        """Global id offsets per tile and the fragment count (needs every block's fragments)."""
+        self.fragments(self.grid)
+        tile = self.cfg.tile
+        ty, tx = fr.tile_grid(self.shape[1:], tile)
+        counts = np.zeros((self.shape[0], ty, tx), np.int64)
+        for i, (zs, ys, xs) in self.grid:
+            c = np.load(self.work / "counts" / ("_".join(map(str, i)) + ".npy"))
+            counts[zs, ys.start // tile:ys.start // tile + c.shape[1],
+                   xs.start // tile:xs.start // tile + c.shape[2]] = c
+        return fr.tile_offsets(counts), int(counts.sum())
+
+    def edges(self, subset) -> None:
+        from dask import delayed
+
+        offsets, _ = self.offsets()
+        bins = self.scoring.bins if self.scoring.needs_histogram else None
+        _compute([delayed(_edges_task, pure=False)(self.aff_path, self.scale, self.out,
+                                                   str(self.work), i, b, self.cfg.tile, offsets,
+                                                   bins)
+                  for i, b in self._todo("edges", subset)], self.cfg, "edges", self.client)
+
+    def merge(self) -> MergeHistory:
+        """The global merge (once; kept in ``.work/history.npz`` for the relabel batches)."""
+        saved = self.work / "history.npz"
+        if saved.exists():
+            h = np.load(saved)
+            return MergeHistory(h["u"], h["v"], h["level"], int(h["n"]), h["pre"])
+        _, n_frag = self.offsets()
+        self.edges(self.grid)
+        work, hist_bins = self.work, self.scoring.needs_histogram
+        edges = reduce_edges([pd.read_parquet(p) for p in sorted((work / "edges").glob("*_*.parquet"))
+                              if not p.name.endswith(".hist.parquet")])
+        hist = (reduce_histograms([pd.read_parquet(p) for p in
+                                   sorted((work / "edges").glob("*.hist.parquet"))])
+                if hist_bins else None)
+        log.info("fragment graph: %d fragments, %d edges", n_frag, len(edges))
+        pre, edges, hist = stitch(edges, n_frag, self.cfg.stitch_threshold, hist)
+        log.info("stitching across tile edges: %d fragments in %d groups, %d edges",
+                 n_frag, len(np.unique(pre)) - 1, len(edges))
+        history = agglomerate_graph(edges, n_frag, self.scoring, max(self.cfg.thresholds), hist)
+        history.pre = pre
+        tmp = work / "history.tmp.npz"
+        np.savez(tmp, u=history.u, v=history.v, level=history.level, n=history.n_fragments,
+                 pre=pre)
+        tmp.replace(saved)
+        return history
+
+    def relabel(self, subset) -> MergeHistory:
+        from dask import delayed
+
+        history = self.merge()
+        offsets, _ = self.offsets()
+        todo = self._todo("relabel", subset)
+        luts = ({threshold_name(t): history.lut(t) for t in self.cfg.thresholds}
+                if todo else {})
+        _compute([delayed(_relabel_task, pure=False)(self.out, str(self.work), i, b,
+                                                     self.cfg.tile, offsets, luts)
+                  for i, b in todo], self.cfg, "relabel", self.client)
+        return history
 
 
 def run(affinities: str | Path, out: str | Path, cfg: AgglomerateConfig | None = None,
-        config_digest: str = "") -> Path:
-    """Agglomerate ``affinities`` (an affinities.zarr) into ``out`` (segmentation.zarr)."""
+        config_digest: str = "", phase: str | None = None, batch: int | None = None) -> Path:
+    """Agglomerate ``affinities`` (an affinities.zarr) into ``out`` (segmentation.zarr).
+
+    ``phase`` (one of :data:`PHASES`) with ``batch`` (None: all blocks) runs that phase only,
+    into the staging folder, and returns its path; without ``phase`` everything left is done
+    and ``out`` is committed."""
     from tokenunify.config import digest
 
     cfg = cfg or AgglomerateConfig()
+    if phase is not None and (phase not in PHASES or cfg.method != "blockwise"):
+        raise ValueError(f"agglomerate phase {phase!r}: phases {list(PHASES)} exist for "
+                         f"method blockwise only (method is {cfg.method!r})")
     aff, scale = read_affinities(affinities)
     shape = aff.shape[1:]
     vs, off = aff.attrs.get("voxel_size", [1.0] * 3), aff.attrs.get("offset", [0.0] * 3)
-    dig = digest({"cfg": asdict(cfg), "affinities": str(affinities), "shape": list(shape),
+    settings = {k: v for k, v in asdict(cfg).items()
+                if k not in ("dask", "batch_blocks", "workers", "scheduler")}
+    dig = digest({"cfg": settings, "affinities": str(affinities), "shape": list(shape),
                   "aff": aff.attrs.get("provenance", {}), "run": config_digest})
-    stage = StagedOutput(out, dig)
-    root = zarr.open_group(str(stage.path), mode="a", zarr_format=3)
     block = tuple(min(b, n) for b, n in zip(cfg.block, shape, strict=True))
     names = [threshold_name(t) for t in cfg.thresholds]
-    for name in names + ["fragments"]:
-        create_volume(root, name, shape, block, np.uint64, vs, off)
+    with exclusive(out):  # batch jobs of this stage may start together
+        stage = StagedOutput(out, dig)
+        root = zarr.open_group(str(stage.path), mode="a", zarr_format=3)
+        for name in names + ["fragments"]:
+            create_volume(root, name, shape, block, np.uint64, vs, off)
+        if cfg.method == "blockwise":
+            create_volume(root, "fragments_local", shape, block, np.uint32, vs, off)
     if cfg.method == "waterz":
         a = _float(aff[:], scale)
         frag = (fr.whole_volume_fragments(a, tile=None) if cfg.fragments == "maxima_distance"
@@ -261,8 +331,17 @@ def run(affinities: str | Path, out: str | Path, cfg: AgglomerateConfig | None =
         if frag is not None:  # waterz's own fragments stay inside waterz
             root["fragments"][:] = frag
     else:
-        create_volume(root, "fragments_local", shape, block, np.uint32, vs, off)
-        history = _blockwise(str(affinities), scale, shape, stage.path, cfg)
+        grid = list(blocks(shape, cfg.block))
+        subset = batch_of(grid, batch, cfg.batch_blocks)
+        with dask_client(cfg.dask, len(subset), "agglomerate") as client:
+            bw = _Blockwise(str(affinities), scale, shape, stage.path, cfg, client)
+            if phase == "merge":
+                bw.merge()
+            elif phase is not None:
+                getattr(bw, phase)(subset)
+            if phase is not None:
+                return stage.path
+            history = bw.relabel(grid)
         del root["fragments_local"]
         g = root.require_group("graph")
         for k in ("u", "v", "level", "pre"):

@@ -8,14 +8,18 @@
 - :class:`StagedOutput` builds an output directory under ``<name>.partial`` and renames it into
   place only when complete, so a crash never leaves a half-written output that looks finished,
   and an earlier complete output is replaced only by a complete new one.
+- :func:`exclusive` serialises the setup of a staging folder when several batch jobs of one
+  stage start at once.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -118,7 +122,27 @@ class StagedOutput:
         os.replace(self.path, self.final)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+        lock_path(self.final).unlink(missing_ok=True)
         return self.final
+
+
+def lock_path(final: str | Path) -> Path:
+    final = Path(final)
+    return final.with_name(final.name + ".lock")
+
+
+@contextmanager
+def exclusive(final: str | Path):
+    """Hold an exclusive lock (``flock`` on ``<final>.lock``) for the block: batch jobs of one
+    stage set up the shared staging folder one at a time (NFSv4 and Lustre honour flock)."""
+    path = lock_path(final)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def blocks(shape, block):

@@ -1,9 +1,57 @@
 # Stage 6: affinities -> segmentation at every threshold (blockwise waterz semantics, seam-free).
+# More than agglomerate.batch_blocks blocks: one job per batch for each blockwise phase
+# (fragments, edges, relabel) around one global merge job; the agglomerate job finishes and
+# renames the result into place. One batch: the agglomerate job does it all.
+
+rule agglomerate_phase:
+    input:
+        affinities="results/{experiment}/{dataset}/affinities.zarr",
+        before=agglo_phase_inputs,
+    output:
+        temp("results/{experiment}/{dataset}/segmentation.batches/{phase}_{batch}.done"),
+    log:
+        "logs/agglomerate/{experiment}/{dataset}.{phase}{batch}.log",
+    conda:
+        "../../envs/tokenunify.yaml"
+    params:
+        spec=agglomerate_spec,
+        out="results/{experiment}/{dataset}/segmentation.zarr",
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=240,
+    shell:
+        "tokenunify agglomerate {input.affinities} --out {params.out} --phase {wildcards.phase}"
+        " --batch {wildcards.batch} --spec {params.spec:q} --workers {threads} > {log} 2>&1"
+        " && touch {output}"
+
+
+rule agglomerate_merge:
+    input:
+        affinities="results/{experiment}/{dataset}/affinities.zarr",
+        edges=batch_markers("agglomerate", "results/{experiment}/{dataset}/segmentation.batches/edges_{batch}.done"),
+    output:
+        temp("results/{experiment}/{dataset}/segmentation.batches/merge.done"),
+    log:
+        "logs/agglomerate/{experiment}/{dataset}.merge.log",
+    conda:
+        "../../envs/tokenunify.yaml"
+    params:
+        spec=agglomerate_spec,
+        out="results/{experiment}/{dataset}/segmentation.zarr",
+    threads: 2
+    resources:
+        mem_mb=16000,
+        runtime=240,
+    shell:
+        "tokenunify agglomerate {input.affinities} --out {params.out} --phase merge"
+        " --spec {params.spec:q} --workers {threads} > {log} 2>&1 && touch {output}"
 
 
 rule agglomerate:
     input:
-        "results/{experiment}/{dataset}/affinities.zarr",
+        affinities="results/{experiment}/{dataset}/affinities.zarr",
+        batches=batch_markers("agglomerate", "results/{experiment}/{dataset}/segmentation.batches/relabel_{batch}.done"),
     output:
         directory("results/{experiment}/{dataset}/segmentation.zarr"),
     log:
@@ -19,5 +67,5 @@ rule agglomerate:
         mem_mb=8000,
         runtime=240,
     shell:
-        "tokenunify agglomerate {input} --out {output} --spec {params.spec:q}"
+        "tokenunify agglomerate {input.affinities} --out {output} --spec {params.spec:q}"
         " --workers {threads} > {log} 2>&1"

@@ -1,15 +1,17 @@
 # Config validation (before any job runs) and the helpers the rules use.
+import functools
 import json
 import re
 
 from snakemake.exceptions import WorkflowError
 
+from tokenunify.cluster import block_count, n_batches, planned_shape
 from tokenunify.config import ConfigError, check_config, validate_config
 
 try:
     # Fill schema defaults into `config` (so params carry them), then open every source.
     validate_config(config)
-    check_config(config)
+    CFG = check_config(config)
 except ConfigError as exc:
     raise WorkflowError(f"config error: {exc}") from None
 
@@ -24,6 +26,8 @@ TEST_DATASETS = [d for d in DATASETS if "test" in config["datasets"][d]["roles"]
 wildcard_constraints:
     dataset="|".join(re.escape(d) for d in DATASETS),
     experiment="|".join(re.escape(e) for e in EXPERIMENTS),
+    batch=r"\d+",
+    phase="fragments|edges|relabel",
 
 
 def download_spec(wildcards):
@@ -82,6 +86,43 @@ def finetune_spec(wildcards):
 def infer_spec(wildcards):
     """JSON settings of blockwise inference."""
     return json.dumps({"infer": config["infer"]}, sort_keys=True)
+
+
+@functools.cache
+def batch_count(dataset, stage):
+    """Snakemake jobs per phase of a blockwise stage (infer, agglomerate) on a dataset:
+    ceil(blocks / STAGE.batch_blocks), from the downloaded volume's shape or, before the
+    download, the declared source's. A remote source not fetched yet plans 1 batch; the
+    stage's final job then does every block (correct, only not spread over jobs)."""
+    if stage == "agglomerate" and config["agglomerate"]["method"] != "blockwise":
+        return 1  # method waterz works on the whole volume
+    shape = planned_shape(f"results/data/{dataset}.zarr", CFG.datasets[dataset])
+    if shape is None:
+        return 1
+    return n_batches(block_count(shape, config[stage]["block"]), config[stage]["batch_blocks"])
+
+
+def batch_markers(stage, pattern):
+    """Input function: the done markers of every batch (none when the stage is one batch)."""
+
+    def markers(wildcards):
+        n = batch_count(wildcards.dataset, stage)
+        if n <= 1:
+            return []
+        return expand(pattern, batch=range(n), allow_missing=True)
+
+    return markers
+
+
+def agglo_phase_inputs(wildcards):
+    """A batch of an agglomerate phase needs every batch of the phase before it (edges read
+    neighbouring blocks' fragments and the global id offsets; relabel needs the global merge)."""
+    batches = "results/{experiment}/{dataset}/segmentation.batches"
+    if wildcards.phase == "edges":
+        return batch_markers("agglomerate", f"{batches}/fragments_{{batch}}.done")(wildcards)
+    if wildcards.phase == "relabel":
+        return expand(f"{batches}/merge.done", **wildcards)
+    return []
 
 
 def agglomerate_spec(wildcards):

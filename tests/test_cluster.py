@@ -1,0 +1,95 @@
+"""Batches and Dask clusters of the blockwise stages (tokenunify/cluster.py).
+
+A stage split into batch jobs must write exactly what one job writes; the SLURMCluster path is
+tested against a real Slurm in tests/test_slurm.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import zarr
+
+from tests.agglomerate.test_agglomerate import THRESHOLDS, noisy_affinities, write_affinities
+from tokenunify import inference
+from tokenunify.agglomerate import AgglomerateConfig, run, threshold_name
+from tokenunify.cluster import DaskConfig, batch_of, block_count, n_batches, worker_jobs
+from tokenunify.inference import InferConfig
+
+
+def test_batch_plan():
+    grid = list(range(10))
+    assert n_batches(10, 4) == 3 and n_batches(10, None) == 1 and n_batches(100_000, 1000) == 100
+    assert [batch_of(grid, b, 4) for b in range(3)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert batch_of(grid, None, 4) == grid and batch_of(grid, 3, 4) == []  # past the plan
+    assert block_count((3200, 10240, 6400), (32, 256, 256)) == 100_000
+    assert worker_jobs(DaskConfig(cluster="slurm", max_jobs=8), 3) == 3
+    assert worker_jobs(DaskConfig(cluster="slurm", max_jobs=8, processes=2), 100) == 8
+
+
+def test_bad_dask_settings_are_named():
+    with pytest.raises(ValueError, match="dask.cluster"):
+        DaskConfig(cluster="pbs")
+    with pytest.raises(ValueError, match="dask.address"):
+        DaskConfig(cluster="address")
+    with pytest.raises(ValueError, match=r"unknown keys \['cpus'\]"):
+        DaskConfig.from_dict({"cpus": 4})
+    with pytest.raises(ValueError, match="agglomerate.scheduler"):
+        AgglomerateConfig(scheduler="tcp://127.0.0.1:8786")
+
+
+def test_agglomerate_in_batches_equals_one_job(tmp_path):
+    from tokenunify.data.synthetic import generate
+
+    labels = generate((16, 128, 128), seed=3)["labels"]
+    path, _ = write_affinities(tmp_path / "affinities.zarr", noisy_affinities(labels))
+    cfg = AgglomerateConfig(block=(8, 64, 64), tile=64, context=16, thresholds=THRESHOLDS,
+                            batch_blocks=3)  # 8 blocks: batches of 3, 3, 2
+    whole = zarr.open_group(str(run(path, tmp_path / "one.zarr", cfg)), mode="r")
+    out = tmp_path / "batched.zarr"
+    for phase in ("fragments", "edges", "merge", "relabel"):
+        for b in ([None] if phase == "merge" else range(3)):
+            staged = run(path, out, cfg, phase=phase, batch=b)
+            assert staged.name == "batched.zarr.partial" and not out.exists()
+    batched = zarr.open_group(str(run(path, out, cfg)), mode="r")
+    for name in [threshold_name(t) for t in THRESHOLDS] + ["fragments"]:
+        assert np.array_equal(batched[name][:], whole[name][:]), name
+    for k in ("u", "v", "level", "pre"):
+        assert np.array_equal(batched["graph"][k][:], whole["graph"][k][:])
+    assert not (tmp_path / "batched.zarr.partial").exists()
+    assert not (tmp_path / "batched.zarr.lock").exists()
+
+
+def test_infer_in_batches_equals_one_job(tmp_path, tiny_em):
+    import torch
+    from distributed import Client, LocalCluster
+
+    from tokenunify.io.zarrio import create_volume
+    from tokenunify.model.emmamba import EMmamba, preset
+    from tokenunify.train import checkpoint as ckpt
+
+    g = zarr.open_group(str(tmp_path / "v.zarr"), mode="w")
+    create_volume(g, "raw", (16, 96, 96), (16, 96, 96), np.uint8, (40, 8, 8), (0, 0, 0))[:] = \
+        tiny_em["raw"]
+    torch.manual_seed(0)
+    net = EMmamba(preset("tiny", out_channels=3))
+    ckpt.save({"model": net.state_dict(), "model_config": net.config.to_dict(), "step": 0},
+              tmp_path / "model.pt")
+    cfg = InferConfig(block=(8, 48, 48), window=(16, 32, 32), overlap=(8, 16, 16),
+                      batch_blocks=3)  # 8 blocks: batches of 3, 3, 2
+    vol, model = tmp_path / "v.zarr", tmp_path / "model.pt"
+    with Client(LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
+                             dashboard_address=None)) as client:
+        one = inference.run(vol, model, tmp_path / "one.zarr", cfg, client=client)
+        out = tmp_path / "b.zarr"
+        for b in range(2):  # the last batch is left to the final job, as after a lost job
+            inference.run(vol, model, out, cfg, client=client, batch=b)
+        done = list((tmp_path / "b.zarr.partial" / ".done" / "block").iterdir())
+        assert len(done) == 6 and not out.exists()
+        batched = inference.run(vol, model, out, dataclasses.replace(cfg, workers=1),
+                                client=client)
+    a = zarr.open_group(str(one))["affinities"][:]
+    b = zarr.open_group(str(batched))["affinities"][:]
+    assert np.array_equal(a, b)

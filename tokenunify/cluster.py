@@ -1,0 +1,178 @@
+"""Where the blockwise stages run their Dask tasks, and how their blocks split into batches.
+
+``dask`` settings (config sections ``infer.dask`` and ``agglomerate.dask``)::
+
+    cluster: local     # the stage's own scheduler inside its job (default)
+    cluster: address   # an existing Dask scheduler: address: tcp://host:8786
+    cluster: slurm     # a dask-jobqueue SLURMCluster started for the stage: worker jobs with
+                       # cores / memory / walltime / job_extra_directives (e.g. --gpus=1),
+                       # scaled to min(max_jobs, blocks), shut down when the stage ends or fails
+
+Batches (``batch_blocks``): the workflow splits a blockwise stage into one Snakemake job per
+batch of ``batch_blocks`` consecutive blocks (in the order of
+:func:`tokenunify.io.zarrio.blocks`), so that a volume of 10^5 blocks makes hundreds of jobs,
+not 10^5, and not one job that holds them all. A batch is only a unit of work: the stage's final
+job completes whatever blocks are still missing, so a wrong batch plan costs time, never
+correctness.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+CLUSTERS = ("local", "address", "slurm")
+
+
+@dataclass(frozen=True)
+class DaskConfig:
+    """Dask cluster of a blockwise stage. Memory strings as dask-jobqueue takes them ("8GB")."""
+
+    cluster: str = "local"
+    address: str | None = None  # cluster: address
+    max_jobs: int = 8  # slurm: worker jobs at most (fewer when there are fewer blocks)
+    cores: int = 2  # slurm: cores per worker job (threads of its worker)
+    processes: int = 1  # slurm: worker processes per job
+    memory: str = "8GB"  # slurm: memory per worker job
+    walltime: str = "04:00:00"  # slurm: time limit of a worker job
+    account: str | None = None  # slurm: sbatch -A
+    queue: str | None = None  # slurm: sbatch -p
+    job_extra_directives: tuple[str, ...] = ()  # slurm: more sbatch options, e.g. "--gpus=1"
+    interface: str | None = None  # network interface of scheduler and workers (e.g. "ib0")
+    log_directory: str | None = None  # slurm: worker job logs (default: Slurm's)
+    worker_timeout: float = 600.0  # seconds to wait for the first worker
+
+    def __post_init__(self):
+        if self.cluster not in CLUSTERS:
+            raise ValueError(f"dask.cluster must be one of {list(CLUSTERS)}, not "
+                             f"{self.cluster!r}")
+        if self.cluster == "address" and not self.address:
+            raise ValueError("dask.cluster 'address' needs dask.address (tcp://host:port)")
+        if self.max_jobs < 1 or self.cores < 1 or self.processes < 1:
+            raise ValueError(f"dask.max_jobs, dask.cores and dask.processes must be >= 1; got "
+                             f"{self.max_jobs}, {self.cores}, {self.processes}")
+
+    @classmethod
+    def from_dict(cls, d: dict | DaskConfig | None) -> DaskConfig:
+        if isinstance(d, DaskConfig):
+            return d
+        d = dict(d or {})
+        if "job_extra_directives" in d:
+            d["job_extra_directives"] = tuple(d["job_extra_directives"] or ())
+        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"dask: unknown keys {unknown}")
+        return cls(**d)
+
+
+def dask_field():
+    """A dataclass field holding a :class:`DaskConfig` (default: local)."""
+    return field(default_factory=DaskConfig)
+
+
+def worker_jobs(cfg: DaskConfig, n_tasks: int) -> int:
+    """Worker jobs for ``n_tasks`` block tasks: one process per task at most, max_jobs cap."""
+    return max(1, min(cfg.max_jobs, math.ceil(max(n_tasks, 1) / cfg.processes)))
+
+
+@contextmanager
+def _terminate_as_exit():
+    """Turn SIGTERM (Slurm's scancel, a time limit) into SystemExit inside the block, so that
+    ``finally`` clauses run and the worker jobs are cancelled."""
+    try:
+        old = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+@contextmanager
+def dask_client(cfg: DaskConfig, n_tasks: int, name: str):
+    """A ``distributed.Client`` for ``n_tasks`` block tasks of stage ``name``, or None for
+    ``cluster: local`` (the stage then uses its own local scheduler). A SLURMCluster started
+    here is closed on exit, also when the stage fails or gets SIGTERM."""
+    if cfg.cluster == "local":
+        yield None
+        return
+    from distributed import Client
+
+    if cfg.cluster == "address":
+        log.info("%s: Dask scheduler at %s", name, cfg.address)
+        with Client(cfg.address, timeout=cfg.worker_timeout) as client:
+            yield client
+        return
+    try:
+        from dask_jobqueue import SLURMCluster
+    except ImportError as exc:
+        raise RuntimeError("dask.cluster 'slurm' needs dask-jobqueue (pip install "
+                           "dask-jobqueue)") from exc
+    jobs = worker_jobs(cfg, n_tasks)
+    with _terminate_as_exit():
+        cluster = SLURMCluster(
+            cores=cfg.cores, processes=cfg.processes, memory=cfg.memory,
+            walltime=cfg.walltime, account=cfg.account, queue=cfg.queue,
+            job_extra_directives=list(cfg.job_extra_directives), interface=cfg.interface,
+            log_directory=cfg.log_directory, python=sys.executable, job_name=f"dask-{name}",
+            scheduler_options={"dashboard_address": None})
+        try:
+            log.info("%s: SLURMCluster with %d worker job(s) of %d core(s), %s; job script:\n%s",
+                     name, jobs, cfg.cores, cfg.memory, cluster.job_script())
+            cluster.scale(jobs=jobs)
+            with Client(cluster) as client:
+                client.wait_for_workers(1, timeout=cfg.worker_timeout)
+                yield client
+        finally:
+            cluster.close()
+            log.info("%s: SLURMCluster closed (worker jobs cancelled)", name)
+
+
+def n_batches(n_blocks: int, batch_blocks: int | None) -> int:
+    """Snakemake jobs of a blockwise stage: ceil(blocks / batch_blocks); 1 when unset."""
+    if not batch_blocks or n_blocks <= 0:
+        return 1
+    return math.ceil(n_blocks / batch_blocks)
+
+
+def batch_of(grid: list, batch: int | None, batch_blocks: int | None) -> list:
+    """The blocks of batch ``batch`` (consecutive in ``grid``'s order); all for None."""
+    if batch is None:
+        return grid
+    if not batch_blocks:
+        raise ValueError("a batch was given but batch_blocks is not set")
+    if not 0 <= batch < n_batches(len(grid), batch_blocks):
+        # planned from another shape (the source changed): the final job does what is missing
+        log.warning("batch %d is past the last batch: %d blocks make %d batches of %d",
+                    batch, len(grid), n_batches(len(grid), batch_blocks), batch_blocks)
+        return []
+    return grid[batch * batch_blocks:(batch + 1) * batch_blocks]
+
+
+def planned_shape(data_zarr: str, spec) -> tuple[int, ...] | None:
+    """(z, y, x) of a downloaded volume, for planning batches before the volume exists: the
+    ``raw`` array of ``data_zarr`` once downloaded, else the declared source (bbox applied),
+    else None (a remote source not fetched yet)."""
+    import os
+
+    import zarr
+
+    from tokenunify.config import open_dataset
+
+    if os.path.exists(os.path.join(data_zarr, "zarr.json")):
+        return tuple(zarr.open_group(data_zarr, mode="r")["raw"].shape)
+    raw, _ = open_dataset(spec, fetch=False)
+    return None if raw is None else tuple(raw.shape)
+
+
+def block_count(shape, block) -> int:
+    """Blocks of ``block`` (z, y, x) over ``shape`` (last ones clipped)."""
+    return math.prod(math.ceil(n / b) for n, b in zip(shape, block, strict=True))
