@@ -17,6 +17,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -58,9 +59,17 @@ def readme_slurm_commands() -> list[str]:
     raise AssertionError("README.md has no ```bash block with `snakemake --profile slurm`")
 
 
-def squeue_names() -> list[str]:
-    return subprocess.run(["squeue", "-h", "-o", "%j"], capture_output=True, text=True,
-                          check=True).stdout.split()
+def slurm_jobs_gone(prefix: str, timeout: float = 60) -> bool:
+    """True once squeue lists no job whose name starts with ``prefix`` (cancelled jobs pass
+    through COMPLETING for a moment)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        names = subprocess.run(["squeue", "-h", "-o", "%j"], capture_output=True, text=True,
+                               check=True).stdout.split()
+        if not any(n.startswith(prefix) for n in names):
+            return True
+        time.sleep(1)
+    return False
 
 
 @pytest.fixture(scope="module")
@@ -191,9 +200,9 @@ def test_blockwise_stages_on_a_slurm_dask_cluster_equal_the_local_run(runs, tmp_
         assert np.array_equal(seg[name][:], want[name][:]), name
     # the work ran in Slurm worker jobs, and they are gone
     assert len(list((tmp_path / "dask-logs").glob("*.err"))) >= 2
-    assert not any(n.startswith("dask-") for n in squeue_names())
+    assert slurm_jobs_gone("dask-")
 
     # a stage that fails inside the cluster still cancels its worker jobs
     with pytest.raises(RuntimeError, match="stage failed"), dask_client(dask, 2, "failing"):
         raise RuntimeError("stage failed")
-    assert "dask-failing" not in squeue_names()
+    assert slurm_jobs_gone("dask-failing")
