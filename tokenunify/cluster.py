@@ -23,7 +23,7 @@ import math
 import signal
 import sys
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +69,6 @@ class DaskConfig:
         if unknown:
             raise ValueError(f"dask: unknown keys {unknown}")
         return cls(**d)
-
-
-def dask_field():
-    """A dataclass field holding a :class:`DaskConfig` (default: local)."""
-    return field(default_factory=DaskConfig)
 
 
 def worker_jobs(cfg: DaskConfig, n_tasks: int) -> int:
@@ -123,7 +118,7 @@ def dask_client(cfg: DaskConfig, n_tasks: int, name: str):
             walltime=cfg.walltime, account=cfg.account, queue=cfg.queue,
             job_extra_directives=list(cfg.job_extra_directives), interface=cfg.interface,
             log_directory=cfg.log_directory, python=sys.executable, job_name=f"dask-{name}",
-            scheduler_options={"dashboard_address": None})
+            scheduler_options={"dashboard_address": ":0"})  # a free port: jobs share nodes
         try:
             log.info("%s: SLURMCluster with %d worker job(s) of %d core(s), %s; job script:\n%s",
                      name, jobs, cfg.cores, cfg.memory, cluster.job_script())

@@ -279,14 +279,15 @@ def run(volume: str | Path, checkpoint: str | Path, out: str | Path,
     todo = [(i, b) for i, b in mine if not stage.is_done("block", i)]
     what = "all blocks" if batch is None else f"batch {batch}"
     log.info("%s (%s): %d of %d blocks to predict", volume, what, len(todo), len(mine))
-    with dask_client(cfg.dask, len(todo), "infer") as cluster_client:
-        own = client is None and cluster_client is None
-        if cluster_client is not None and client is None:
-            client = cluster_client
-        elif own:
+    # a given client wins; else cfg.dask's cluster, or a LocalCluster for 'local'
+    with dask_client(cfg.dask if client is None else DaskConfig(), len(todo), "infer") as started:
+        own = client is None and started is None
+        if own:
             client = Client(LocalCluster(n_workers=cfg.workers,
                                          threads_per_worker=cfg.threads_per_worker,
                                          processes=cfg.workers > 1, dashboard_address=None))
+        elif client is None:
+            client = started
         try:
             futures = [client.submit(_block_task, str(volume), str(stage.path), str(checkpoint),
                                      i, b, cfg, str(done_dir), pure=False) for i, b in todo]

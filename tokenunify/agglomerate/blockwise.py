@@ -26,6 +26,7 @@ Output: one uint64 array ``threshold_{t:.3f}`` per threshold, plus ``fragments``
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -231,7 +232,13 @@ class _Blockwise:
                   for i, b in self._todo("fragments", subset)], c, "fragments", self.client)
 
     def offsets(self) -> tuple[np.ndarray, int]:
-        """Global id offsets per tile and the fragment count (needs every block's fragments)."""
+        """Global id offsets per tile and the fragment count (needs every block's fragments).
+        Computed once from the per-block counts and kept in ``.work/offsets.npz`` for the
+        other jobs (concurrent writers write the same file, replaced atomically)."""
+        saved = self.work / "offsets.npz"
+        if saved.exists():
+            with np.load(saved) as f:
+                return f["offsets"], int(f["n"])
         self.fragments(self.grid)
         tile = self.cfg.tile
         ty, tx = fr.tile_grid(self.shape[1:], tile)
@@ -240,7 +247,11 @@ class _Blockwise:
             c = np.load(self.work / "counts" / ("_".join(map(str, i)) + ".npy"))
             counts[zs, ys.start // tile:ys.start // tile + c.shape[1],
                    xs.start // tile:xs.start // tile + c.shape[2]] = c
-        return fr.tile_offsets(counts), int(counts.sum())
+        offsets, n = fr.tile_offsets(counts), int(counts.sum())
+        tmp = self.work / f"offsets.{os.getpid()}.tmp.npz"
+        np.savez(tmp, offsets=offsets, n=n)
+        tmp.replace(saved)
+        return offsets, n
 
     def edges(self, subset) -> None:
         from dask import delayed
@@ -256,8 +267,8 @@ class _Blockwise:
         """The global merge (once; kept in ``.work/history.npz`` for the relabel batches)."""
         saved = self.work / "history.npz"
         if saved.exists():
-            h = np.load(saved)
-            return MergeHistory(h["u"], h["v"], h["level"], int(h["n"]), h["pre"])
+            with np.load(saved) as h:
+                return MergeHistory(h["u"], h["v"], h["level"], int(h["n"]), h["pre"])
         _, n_frag = self.offsets()
         self.edges(self.grid)
         work, hist_bins = self.work, self.scoring.needs_histogram
@@ -272,7 +283,7 @@ class _Blockwise:
                  n_frag, len(np.unique(pre)) - 1, len(edges))
         history = agglomerate_graph(edges, n_frag, self.scoring, max(self.cfg.thresholds), hist)
         history.pre = pre
-        tmp = work / "history.tmp.npz"
+        tmp = work / f"history.{os.getpid()}.tmp.npz"
         np.savez(tmp, u=history.u, v=history.v, level=history.level, n=history.n_fragments,
                  pre=pre)
         tmp.replace(saved)
