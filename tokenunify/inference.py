@@ -231,6 +231,34 @@ def _block_task(raw_path: str, out_path: str, checkpoint: str, idx, core, cfg: I
     return dt
 
 
+def _predict_blocks(todo: list, total: int, paths: tuple, done_dir: str, cfg: InferConfig,
+                    client=None) -> None:
+    """Run ``_block_task`` for each (index, core) of ``todo`` on ``client``, or else on
+    ``cfg.dask``'s cluster (a LocalCluster for 'local'); ``paths``: (raw, staging, checkpoint)."""
+    from distributed import Client, LocalCluster, as_completed
+    from tqdm.auto import tqdm
+
+    with dask_client(cfg.dask if client is None else DaskConfig(), len(todo), "infer") as started:
+        own = client is None and started is None
+        if own:
+            client = Client(LocalCluster(n_workers=cfg.workers,
+                                         threads_per_worker=cfg.threads_per_worker,
+                                         processes=cfg.workers > 1, dashboard_address=None))
+        elif client is None:
+            client = started
+        try:
+            futures = [client.submit(_block_task, *paths, i, b, cfg, done_dir, pure=False)
+                       for i, b in todo]
+            with tqdm(total=total, initial=total - len(todo), desc="infer", unit="block",
+                      disable=None) as bar:
+                for fut in as_completed(futures):
+                    fut.result()
+                    bar.update()
+        finally:
+            if own:
+                client.close()
+
+
 def run(volume: str | Path, checkpoint: str | Path, out: str | Path,
         cfg: InferConfig = InferConfig(), client=None, batch: int | None = None) -> Path:
     """Predict affinities of ``volume``'s raw array into ``out`` (``affinities.zarr``).
@@ -245,9 +273,6 @@ def run(volume: str | Path, checkpoint: str | Path, out: str | Path,
         batch: predict only this batch of ``cfg.batch_blocks`` blocks into the staging folder
             and return its path; None: predict every missing block and commit ``out``.
     """
-    from distributed import Client, LocalCluster, as_completed
-    from tqdm.auto import tqdm
-
     from tokenunify.config import digest
     from tokenunify.train import checkpoint as ckpt
 
@@ -279,26 +304,9 @@ def run(volume: str | Path, checkpoint: str | Path, out: str | Path,
     todo = [(i, b) for i, b in mine if not stage.is_done("block", i)]
     what = "all blocks" if batch is None else f"batch {batch}"
     log.info("%s (%s): %d of %d blocks to predict", volume, what, len(todo), len(mine))
-    # a given client wins; else cfg.dask's cluster, or a LocalCluster for 'local'
-    with dask_client(cfg.dask if client is None else DaskConfig(), len(todo), "infer") as started:
-        own = client is None and started is None
-        if own:
-            client = Client(LocalCluster(n_workers=cfg.workers,
-                                         threads_per_worker=cfg.threads_per_worker,
-                                         processes=cfg.workers > 1, dashboard_address=None))
-        elif client is None:
-            client = started
-        try:
-            futures = [client.submit(_block_task, str(volume), str(stage.path), str(checkpoint),
-                                     i, b, cfg, str(done_dir), pure=False) for i, b in todo]
-            with tqdm(total=len(mine), initial=len(mine) - len(todo), desc="infer",
-                      unit="block", disable=None) as bar:
-                for fut in as_completed(futures):
-                    fut.result()
-                    bar.update()
-        finally:
-            if own:
-                client.close()
+    if todo:  # no cluster (and no worker jobs) when every block is done
+        _predict_blocks(todo, len(mine), (str(volume), str(stage.path), str(checkpoint)),
+                        str(done_dir), cfg, client)
     if batch is not None:
         return stage.path
     return stage.commit()

@@ -29,6 +29,7 @@ import logging
 import os
 import shutil
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -211,14 +212,21 @@ class _Blockwise:
     """The blockwise phases over ``stage`` (the staging folder); see the module docstring."""
 
     def __init__(self, aff_path: str, scale: float, shape, stage: Path, cfg: AgglomerateConfig,
-                 client=None):
+                 connect=None):
+        """``connect()``: the Dask client (None: the local scheduler), called at the first
+        step that has tasks, so that nothing is started when every block is done."""
         self.aff_path, self.scale, self.shape, self.cfg = aff_path, scale, shape, cfg
         self.out, self.work = str(stage), stage / ".work"
         for sub in ("counts", "edges"):
             (self.work / sub).mkdir(parents=True, exist_ok=True)
         self.grid = list(blocks(shape, cfg.block))
         self.scoring = parse(cfg.scoring)
-        self.client = client
+        self.client, self.connect = None, connect
+
+    def _run(self, tasks: list, desc: str) -> None:
+        if tasks and self.connect is not None:
+            self.client, self.connect = self.connect(), None
+        _compute(tasks, self.cfg, desc, self.client)
 
     def _todo(self, kind: str, subset) -> list:
         return [(i, b) for i, b in subset if not _marker(self.work, kind, i).exists()]
@@ -227,9 +235,9 @@ class _Blockwise:
         from dask import delayed
 
         c = self.cfg
-        _compute([delayed(_fragments_task, pure=False)(self.aff_path, self.scale, self.out,
+        self._run([delayed(_fragments_task, pure=False)(self.aff_path, self.scale, self.out,
                                                        str(self.work), i, b, c.tile, c.context)
-                  for i, b in self._todo("fragments", subset)], c, "fragments", self.client)
+                  for i, b in self._todo("fragments", subset)], "fragments")
 
     def offsets(self) -> tuple[np.ndarray, int]:
         """Global id offsets per tile and the fragment count (needs every block's fragments).
@@ -258,10 +266,10 @@ class _Blockwise:
 
         offsets, _ = self.offsets()
         bins = self.scoring.bins if self.scoring.needs_histogram else None
-        _compute([delayed(_edges_task, pure=False)(self.aff_path, self.scale, self.out,
+        self._run([delayed(_edges_task, pure=False)(self.aff_path, self.scale, self.out,
                                                    str(self.work), i, b, self.cfg.tile, offsets,
                                                    bins)
-                  for i, b in self._todo("edges", subset)], self.cfg, "edges", self.client)
+                  for i, b in self._todo("edges", subset)], "edges")
 
     def merge(self) -> MergeHistory:
         """The global merge (once; kept in ``.work/history.npz`` for the relabel batches)."""
@@ -297,9 +305,9 @@ class _Blockwise:
         todo = self._todo("relabel", subset)
         luts = ({threshold_name(t): history.lut(t) for t in self.cfg.thresholds}
                 if todo else {})
-        _compute([delayed(_relabel_task, pure=False)(self.out, str(self.work), i, b,
+        self._run([delayed(_relabel_task, pure=False)(self.out, str(self.work), i, b,
                                                      self.cfg.tile, offsets, luts)
-                  for i, b in todo], self.cfg, "relabel", self.client)
+                  for i, b in todo], "relabel")
         return history
 
 
@@ -344,8 +352,9 @@ def run(affinities: str | Path, out: str | Path, cfg: AgglomerateConfig | None =
     else:
         grid = list(blocks(shape, cfg.block))
         subset = batch_of(grid, batch, cfg.batch_blocks)
-        with dask_client(cfg.dask, len(subset), "agglomerate") as client:
-            bw = _Blockwise(str(affinities), scale, shape, stage.path, cfg, client)
+        with ExitStack() as stack:
+            bw = _Blockwise(str(affinities), scale, shape, stage.path, cfg, connect=lambda: (
+                stack.enter_context(dask_client(cfg.dask, len(subset), "agglomerate"))))
             if phase == "merge":
                 bw.merge()
             elif phase is not None:
