@@ -109,7 +109,8 @@ def batch_markers(stage, pattern):
         n = batch_count(wildcards.dataset, stage)
         if n <= 1:
             return []
-        return expand(pattern, batch=range(n), allow_missing=True)
+        return expand(pattern, batch=range(n), experiment=wildcards.experiment,
+                      dataset=wildcards.dataset)
 
     return markers
 
@@ -121,7 +122,8 @@ def agglo_phase_inputs(wildcards):
     if wildcards.phase == "edges":
         return batch_markers("agglomerate", f"{batches}/fragments_{{batch}}.done")(wildcards)
     if wildcards.phase == "relabel":
-        return expand(f"{batches}/merge.done", **wildcards)
+        return expand(f"{batches}/merge.done", experiment=wildcards.experiment,
+                      dataset=wildcards.dataset)
     return []
 
 
