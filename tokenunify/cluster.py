@@ -45,7 +45,7 @@ class DaskConfig:
     queue: str | None = None  # slurm: sbatch -p
     job_extra_directives: tuple[str, ...] = ()  # slurm: more sbatch options, e.g. "--gpus=1"
     interface: str | None = None  # network interface of scheduler and workers (e.g. "ib0")
-    log_directory: str | None = None  # slurm: worker job logs (default: Slurm's)
+    log_directory: str | None = None  # slurm: worker job logs (None: logs/dask-workers)
     worker_timeout: float = 600.0  # seconds to wait for the first worker
 
     def __post_init__(self):
@@ -117,7 +117,8 @@ def dask_client(cfg: DaskConfig, n_tasks: int, name: str):
             cores=cfg.cores, processes=cfg.processes, memory=cfg.memory,
             walltime=cfg.walltime, account=cfg.account, queue=cfg.queue,
             job_extra_directives=list(cfg.job_extra_directives), interface=cfg.interface,
-            log_directory=cfg.log_directory, python=sys.executable, job_name=f"dask-{name}",
+            log_directory=cfg.log_directory or "logs/dask-workers", python=sys.executable,
+            job_name=f"dask-{name}",
             scheduler_options={"dashboard_address": ":0"})  # a free port: jobs share nodes
         try:
             log.info("%s: SLURMCluster with %d worker job(s) of %d core(s), %s; job script:\n%s",
