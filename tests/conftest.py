@@ -39,3 +39,25 @@ def tiny_em():
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def infer_setup(tmp_path_factory, tiny_em):
+    """A folder with ``v.zarr`` (array ``raw``: tiny_em's 16 x 96 x 96 uint8, 40 x 8 x 8 nm)
+    and ``model.pt`` (an untrained ``tiny`` EMmamba with 3 output channels, seed 0)."""
+    import torch
+    import zarr
+
+    from tokenunify.io.zarrio import create_volume
+    from tokenunify.model.emmamba import EMmamba, preset
+    from tokenunify.train import checkpoint as ckpt
+
+    d = tmp_path_factory.mktemp("inf")
+    g = zarr.open_group(str(d / "v.zarr"), mode="w")
+    create_volume(g, "raw", (16, 96, 96), (16, 96, 96), np.uint8, (40, 8, 8), (0, 0, 0))[:] = \
+        tiny_em["raw"]
+    torch.manual_seed(0)
+    net = EMmamba(preset("tiny", out_channels=3))
+    ckpt.save({"model": net.state_dict(), "model_config": net.config.to_dict(), "step": 0},
+              d / "model.pt")
+    return d

@@ -10,29 +10,11 @@ import sys
 import time
 
 import numpy as np
-import pytest
-import torch
 import zarr
 
 from tokenunify import inference
 from tokenunify.inference import InferConfig, gaussian_weight, window_starts
 from tokenunify.io.zarrio import create_volume
-from tokenunify.model.emmamba import EMmamba, preset
-from tokenunify.train import checkpoint as ckpt
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory, tiny_em):
-    d = tmp_path_factory.mktemp("inf")
-    g = zarr.open_group(str(d / "v.zarr"), mode="w")
-    create_volume(g, "raw", (16, 96, 96), (16, 96, 96), np.uint8, (40, 8, 8), (0, 0, 0))[:] = \
-        tiny_em["raw"]
-    torch.manual_seed(0)
-    net = EMmamba(preset("tiny", out_channels=3))
-    ckpt.save({"model": net.state_dict(), "model_config": net.config.to_dict(), "step": 0},
-              d / "model.pt")
-    return d
-
 
 CFG = InferConfig(block=(16, 96, 96), window=(16, 32, 32), overlap=(8, 16, 16), batch_size=4)
 
@@ -44,7 +26,7 @@ def test_window_grid_and_weight():
     assert w.max() <= 1 and w.min() >= 1e-3 and w[2, 4, 4] > w[0, 0, 0]
 
 
-def test_one_block_equals_eight_blocks(setup, tmp_path):
+def test_one_block_equals_eight_blocks(infer_setup, tmp_path):
     """The key property: affinities do not depend on the block size."""
     from distributed import Client, LocalCluster
 
@@ -52,9 +34,9 @@ def test_one_block_equals_eight_blocks(setup, tmp_path):
     loads = inference.LOADS["count"]
     with Client(LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
                              dashboard_address=None)) as client:
-        one = inference.run(setup / "v.zarr", setup / "model.pt", tmp_path / "a.zarr",
+        one = inference.run(infer_setup / "v.zarr", infer_setup / "model.pt", tmp_path / "a.zarr",
                             dataclasses.replace(CFG, dtype="float16"), client=client)
-        eight = inference.run(setup / "v.zarr", setup / "model.pt", tmp_path / "b.zarr",
+        eight = inference.run(infer_setup / "v.zarr", infer_setup / "model.pt", tmp_path / "b.zarr",
                               dataclasses.replace(CFG, block=(8, 48, 48), dtype="float16"),
                               client=client)
     assert inference.LOADS["count"] == loads + 1  # 9 blocks, one model load in the worker
@@ -66,7 +48,7 @@ def test_one_block_equals_eight_blocks(setup, tmp_path):
     assert 0 <= float(a[:].min()) and float(a[:].max()) <= 1
 
 
-def test_small_volume_anisotropic_tta_and_uint8(setup, tmp_path, rng):
+def test_small_volume_anisotropic_tta_and_uint8(infer_setup, tmp_path, rng):
     g = zarr.open_group(str(tmp_path / "s.zarr"), mode="w")
     create_volume(g, "raw", (5, 20, 28), (5, 20, 28), np.uint8, (50, 4, 4), (0, 0, 0))[:] = \
         rng.integers(0, 255, (5, 20, 28), dtype=np.uint8)
@@ -74,14 +56,14 @@ def test_small_volume_anisotropic_tta_and_uint8(setup, tmp_path, rng):
 
     with Client(LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
                              dashboard_address=None)) as client:
-        out = inference.run(tmp_path / "s.zarr", setup / "model.pt", tmp_path / "o.zarr",
+        out = inference.run(tmp_path / "s.zarr", infer_setup / "model.pt", tmp_path / "o.zarr",
                             dataclasses.replace(CFG, tta=True), client=client)
     a = zarr.open_group(str(out))["affinities"]
     assert a.dtype == np.uint8 and a.shape == (3, 5, 20, 28) and a.attrs["scale"] == 255.0
     assert a.attrs["voxel_size"] == [50.0, 4.0, 4.0]
 
 
-def test_killed_run_resumes_only_missing_blocks_with_identical_output(setup, tmp_path):
+def test_killed_run_resumes_only_missing_blocks_with_identical_output(infer_setup, tmp_path):
     """Kill the process (and its worker) mid-run; the rerun finishes with the same result."""
     script = (
         "import logging, sys\n"
@@ -92,7 +74,8 @@ def test_killed_run_resumes_only_missing_blocks_with_identical_output(setup, tmp
         "if __name__ == '__main__':\n"
         "    inference.run(sys.argv[1], sys.argv[2], sys.argv[3], cfg)\n")
     out = tmp_path / "k.zarr"
-    args = [sys.executable, "-c", script, str(setup / "v.zarr"), str(setup / "model.pt"), str(out)]
+    args = [sys.executable, "-c", script, str(infer_setup / "v.zarr"),
+            str(infer_setup / "model.pt"), str(out)]
     proc = subprocess.Popen(args, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     done = tmp_path / "k.zarr.partial" / ".done" / "block"
@@ -110,7 +93,7 @@ def test_killed_run_resumes_only_missing_blocks_with_identical_output(setup, tmp
 
     with Client(LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
                              dashboard_address=None)) as client:
-        ref = inference.run(setup / "v.zarr", setup / "model.pt", tmp_path / "ref.zarr",
+        ref = inference.run(infer_setup / "v.zarr", infer_setup / "model.pt", tmp_path / "ref.zarr",
                             InferConfig(block=(8, 48, 48), window=(16, 32, 32),
                                         overlap=(8, 16, 16), threads_per_worker=1),
                             client=client)  # torch threads as in the killed run
