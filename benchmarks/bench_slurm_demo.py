@@ -29,26 +29,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
-
-
-def copy_repo(dest: Path) -> None:
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True,
-                           check=True).stdout.decode().split("\0")
-    for f in filter(None, files):
-        if (REPO / f).is_file():
-            (dest / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / f, dest / f, follow_symlinks=False)
-    shared = REPO.parent / "shared"
-    if shared.exists() and not (dest.parent / "shared").exists():
-        (dest.parent / "shared").symlink_to(shared)  # the demo's sources are ../shared/data
-
-
-def readme_commands() -> str:
-    text = (REPO / "README.md").read_text()
-    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
-        if "snakemake --profile slurm" in block:
-            return "set -e\n" + block
-    raise SystemExit("README.md has no ```bash block with `snakemake --profile slurm`")
+from test_slurm import copy_repo, readme_slurm_commands  # noqa: E402
 
 
 def timed(cmd: list[str], cwd: Path, env: dict, log: Path) -> tuple[float, int]:
@@ -85,7 +66,8 @@ def main() -> int:
         else:
             home = base / "home"
             home.mkdir()
-            cmd, run_env = ["bash", "-c", readme_commands()], dict(env, HOME=str(home))
+            script = "set -e\n" + "\n".join(readme_slurm_commands()) + "\n"
+            cmd, run_env = ["bash", "-c", script], dict(env, HOME=str(home))
         times[mode], rc = timed(cmd, repo, run_env, logs[mode])
         print(f"{mode}: {times[mode]:.0f} s (rc {rc}, log {logs[mode]})")
         if rc:

@@ -59,6 +59,20 @@ def readme_slurm_commands() -> list[str]:
     raise AssertionError("README.md has no ```bash block with `snakemake --profile slurm`")
 
 
+def copy_repo(dest: Path) -> None:
+    """The repository's tracked files (the working tree's versions) into ``dest``, with
+    ``../shared`` beside it when the repository has one."""
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True,
+                           check=True).stdout.decode().split("\0")
+    for f in filter(None, files):
+        if (REPO / f).is_file():
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / f, dest / f, follow_symlinks=False)
+    shared = REPO.parent / "shared"
+    if shared.exists() and not (dest.parent / "shared").exists():
+        (dest.parent / "shared").symlink_to(shared)
+
+
 def slurm_jobs_gone(prefix: str, timeout: float = 60) -> bool:
     """True once squeue lists no job whose name starts with ``prefix`` (cancelled jobs pass
     through COMPLETING for a moment)."""
@@ -92,12 +106,7 @@ def runs(cluster, tmp_path_factory):
     local.mkdir()
     home.mkdir()
     write_config(local, tiny_config(local))
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True,
-                           check=True).stdout.decode().split("\0")
-    for f in filter(None, files):
-        if (REPO / f).is_file():
-            (repo / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / f, repo / f, follow_symlinks=False)
+    copy_repo(repo)
     write_config(repo, tiny_config(repo))
     profile = repo / "workflow/profiles/slurm/config.yaml"
     text = profile.read_text()
