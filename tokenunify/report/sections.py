@@ -179,6 +179,11 @@ def load_section(results: Path, exp: str, ds: str, threshold: float) -> SectionD
     return out
 
 
+def _first_ids(ids, n: int = 5) -> str:
+    """The first ``n`` ids, comma-separated, with an ellipsis when there are more."""
+    return ", ".join(map(str, ids[:n])) + (" …" if len(ids) > n else "")
+
+
 def error_caption(sec: SectionData) -> str:
     """Plain-text description of the largest split and merge (ids, voxel counts)."""
     if sec.gt is None or sec.seg is None:
@@ -188,7 +193,7 @@ def error_caption(sec: SectionData) -> str:
     if s is None:
         parts.append("No split: every GT body lies in a single segment.")
     else:
-        shown = ", ".join(map(str, s.others[:5])) + (" …" if len(s.others) > 5 else "")
+        shown = _first_ids(s.others)
         vis = "" if np.any(sec.gt == s.body) else " (not in this section)"
         parts.append(f"Largest split: GT body {s.body} ({s.size} voxels){vis} is cut into "
                      f"{s.n_segments} segments: its largest piece, segment {s.main_segment}, "
@@ -197,7 +202,7 @@ def error_caption(sec: SectionData) -> str:
     if m is None:
         parts.append("No merge: every segment covers a single GT body.")
     else:
-        shown = ", ".join(map(str, m.others[:5])) + (" …" if len(m.others) > 5 else "")
+        shown = _first_ids(m.others)
         vis = "" if np.any(sec.seg == m.segment) else " (not in this section)"
         parts.append(f"Largest merge: segment {m.segment} ({m.size} labelled voxels){vis} covers "
                      f"{m.n_bodies} GT bodies: {m.main_count} voxels of its main body "
