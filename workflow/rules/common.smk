@@ -89,6 +89,13 @@ def infer_spec(wildcards):
 
 
 @functools.cache
+def dataset_shape(dataset):
+    """(z, y, x) of results/data/DATASET.zarr, or of the declared source before the download
+    (None: a remote source not fetched yet). Opened once per dataset."""
+    return planned_shape(f"results/data/{dataset}.zarr", CFG.datasets[dataset])
+
+
+@functools.cache
 def batch_count(dataset, stage):
     """Snakemake jobs per phase of a blockwise stage (infer, agglomerate) on a dataset:
     ceil(blocks / STAGE.batch_blocks), from the downloaded volume's shape or, before the
@@ -96,7 +103,7 @@ def batch_count(dataset, stage):
     stage's final job then does every block (correct, only not spread over jobs)."""
     if stage == "agglomerate" and config["agglomerate"]["method"] != "blockwise":
         return 1  # method waterz works on the whole volume
-    shape = planned_shape(f"results/data/{dataset}.zarr", CFG.datasets[dataset])
+    shape = dataset_shape(dataset)
     if shape is None:
         return 1
     return n_batches(block_count(shape, config[stage]["block"]), config[stage]["batch_blocks"])
