@@ -34,6 +34,7 @@ def plan(workdir: Path, batch_blocks: int | None) -> dict[str, int]:
     g = zarr.open_group(str(workdir / "big.zarr"), mode="w")
     for name, dtype in (("raw", "uint8"), ("labels", "uint64")):
         g.create_array(name, shape=SHAPE, chunks=(64, 512, 512), dtype=dtype)
+    g["labels"][:1, :1, :1] = 1  # check_config reads the test labels up to a non-zero block
     write_config(workdir, {
         "datasets": {"big": {"raw": {"source": "big.zarr", "key": "raw"},
                              "labels": {"source": "big.zarr", "key": "labels"},

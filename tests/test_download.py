@@ -51,6 +51,25 @@ def test_non_uint8_raw_is_rescaled_by_a_streaming_pass(tmp_path, rng):
     np.testing.assert_array_equal(raw, expect)
 
 
+@pytest.mark.parametrize("intensity_range", [None, (0.0, 1.0)],
+                         ids=["streaming-range", "given-range"])
+def test_float_raw_with_nan_stops_with_the_count(tmp_path, rng, intensity_range):
+    """NaN used to become 0 with only a numpy warning; now the download stops and names the
+    dataset, the source, the block and how many NaN voxels it holds."""
+    vol = rng.random((4, 16, 16)).astype(np.float32)
+    vol[3, 10, 2:5] = np.nan  # 3 NaN voxels in block z 2:4, y 8:16, x 0:8
+    with h5py.File(tmp_path / "f.h5", "w") as f:
+        f["raw"] = vol
+    spec = DatasetSpec(name="d", raw=SourceSpec(str(tmp_path / "f.h5"), key="raw",
+                                                intensity_range=intensity_range),
+                       voxel_size=(40.0, 8.0, 8.0))
+    with pytest.raises(sources.SourceError,
+                       match=r"datasets.d.raw \(.*f.h5\), block z 2:4, y 8:16, x 0:8: 3 NaN "
+                             r"voxels"):
+        download.run(spec, tmp_path / "o.zarr", DownloadConfig(block=(2, 8, 8), workers=1))
+    assert not (tmp_path / "o.zarr").exists()
+
+
 def test_bbox_sets_offset(tmp_path, rng):
     vol = rng.integers(0, 255, (10, 30, 30), dtype=np.uint8)
     with h5py.File(tmp_path / "a.h5", "w") as f:

@@ -81,3 +81,13 @@ def test_bad_input_is_named(volumes, tmp_path):
     assert not (tmp_path / "m.csv").exists()
     with pytest.raises(ValueError, match="gt_min_size"):
         EvaluateConfig(gt_min_size=-1)
+
+
+def test_all_zero_labels_are_an_error_not_empty_metrics(volumes, tmp_path):
+    """All-0 ground truth used to give a metrics.csv of empty values."""
+    gt, segs = volumes
+    seg, vol = write(tmp_path, np.zeros_like(gt), {0.5: segs[0.5]})
+    with pytest.raises(ValueError, match=r"vol.zarr/labels of dataset 'd' has no labelled voxel "
+                                         r"\(all 0\)"):
+        run(seg, vol, tmp_path / "m.csv", "e", "d")
+    assert not (tmp_path / "m.csv").exists()

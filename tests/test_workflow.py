@@ -202,6 +202,7 @@ def test_job_count_of_a_volume_of_100_000_blocks_is_bounded(tmp_path):
     g = zarr.open_group(str(tmp_path / "big.zarr"), mode="w")
     for name, dtype in (("raw", "uint8"), ("labels", "uint64")):
         g.create_array(name, shape=(3200, 10240, 6400), chunks=(64, 512, 512), dtype=dtype)
+    g["labels"][:1, :1, :1] = 1  # check_config reads the test labels up to a non-zero block
     cfg = {"datasets": {"big": {"raw": {"source": "big.zarr", "key": "raw"},
                                 "labels": {"source": "big.zarr", "key": "labels"},
                                 "voxel_size": [40, 8, 8], "roles": ["pretrain", "train", "test"]}},

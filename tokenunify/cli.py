@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import logging
+import shutil
 import sys
 from pathlib import Path
 
@@ -146,8 +148,8 @@ def cmd_infer(args) -> None:
                          for k, v in spec.get("infer", {}).items()})
     if args.workers:
         cfg = dataclasses.replace(cfg, workers=args.workers)
-    if args.threads:
-        cfg = dataclasses.replace(cfg, threads_per_worker=args.threads)
+    if args.worker_threads:  # blocks at once; torch's thread count stays infer.threads
+        cfg = dataclasses.replace(cfg, threads_per_worker=args.worker_threads)
     run(args.volume, args.checkpoint, args.out, cfg, batch=args.batch)
 
 
@@ -252,7 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, help="output affinities.zarr")
     sp.add_argument("--spec", help='settings as JSON: {"infer": {...}}')
     sp.add_argument("--workers", type=int, default=None, help="Dask worker processes")
-    sp.add_argument("--threads", type=int, default=None, help="threads per Dask worker")
+    sp.add_argument("--worker-threads", type=int, default=None,
+                    help="Dask threads per worker: blocks predicted at once by each worker. "
+                         "The affinities do not depend on it (nor on --workers): every block "
+                         "computes with infer.threads torch threads")
     sp.add_argument("--batch", type=int, default=None,
                     help="predict only batch N of infer.batch_blocks blocks (no commit)")
     sp.set_defaults(func=cmd_infer)
@@ -305,15 +310,55 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _output_lock(args):
+    """Hold the command's output for its whole run (see :mod:`tokenunify.io.locks`): whole
+    runs exclusively, batch jobs (``--batch`` / ``--phase``) shared plus their own batch.
+    Processes started by torchrun run under their launcher's lock."""
+    from contextlib import nullcontext
+
+    from tokenunify.io.locks import hold_output
+
+    out = getattr(args, "out", None)
+    if out is None or args.stage in ("check", "preview"):
+        return nullcontext()
+    if args.stage in ("pretrain", "finetune"):
+        from tokenunify.train.distributed import in_torchrun
+
+        if in_torchrun():
+            return nullcontext()
+    phase, batch = getattr(args, "phase", None), getattr(args, "batch", None)
+    part = None
+    if phase is not None or batch is not None:
+        part = f"{phase or 'batch'}{'' if batch is None else batch}"
+    return hold_output(out, part)
+
+
+def _disk_full(exc: OSError, args) -> str:
+    """An ENOSPC message that names the output being written and the free space there."""
+    out = Path(getattr(args, "out", None) or ".").resolve()
+    where = exc.filename or out
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free / 2**30
+    return (f"no space left on device while writing {where} (output {out}; {free:.2f} GiB "
+            f"free on its file system). Free space and rerun: finished blocks and checkpoints "
+            f"in the .partial folder are kept")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     try:
-        args.func(args)
+        with _output_lock(args):
+            args.func(args)
     # CheckpointError is a ValueError (not imported here: it would load torch for every stage)
     except (ConfigError, SourceError, NotImplementedError, ValueError, OSError,
             RuntimeError) as exc:
-        log.error("%s", exc)
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            log.error("%s", _disk_full(exc, args))
+        else:
+            log.error("%s", exc)
         return 2
     return 0
 

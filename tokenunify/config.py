@@ -4,15 +4,16 @@ The schema is ``workflow/schemas/config.schema.yaml`` (shipped in the package as
 ``tokenunify/schema/config.schema.yaml``). :func:`validate_config` fills in every default and
 raises :class:`ConfigError` naming the offending key. :func:`check_config` then opens every
 declared source and checks what a schema cannot: files exist, HDF5 keys exist, raw and label
-shapes agree, bounding boxes fit, labelled roles have labels. The Snakefile runs both before
-any job is scheduled, so a bad config never destroys earlier results.
+shapes agree, bounding boxes fit, labelled roles have labels, test labels are not all 0, and
+the stages' crops, windows and blocks fit each other and the volumes (:mod:`tokenunify.checks`).
+The Snakefile runs both before any job is scheduled, so a bad config never destroys earlier
+results and a stage never fails on a limit known from the start.
 """
 
 from __future__ import annotations
 
 import copy
 import difflib
-import hashlib
 import json
 import logging
 import os
@@ -21,10 +22,11 @@ from dataclasses import asdict, dataclass, field
 from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
 import jsonschema
 import yaml
+
+from tokenunify import checks
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +106,22 @@ def _explain(err: jsonschema.ValidationError, root: dict) -> str:
         close = difflib.get_close_matches(str(err.instance), [str(e) for e in err.validator_value])
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         return f"{where}: {err.instance!r} is not one of {err.validator_value}{hint}"
-    if err.validator == "oneOf" and err.context:
-        best = jsonschema.exceptions.best_match(err.context)
-        return f"{where}: {best.message}"
+    if err.validator in ("oneOf", "anyOf") and err.context:
+        return _explain(_branch_error(err), root)
+    if err.validator == "exclusiveMinimum" and err.validator_value == 0:
+        return f"{where}: must be positive, got {err.instance!r}"
     return f"{where}: {err.message}"
+
+
+def _branch_error(err: jsonschema.ValidationError) -> jsonschema.ValidationError:
+    """The error to report for a failed oneOf/anyOf. An optional key is "null or X": when the
+    value is not null, what is wrong is X's error (e.g. a negative voxel size), not that the
+    value is not null, so the null branch's error is left out."""
+    errors = err.context
+    if err.instance is not None:
+        errors = [e for e in errors if not (e.validator == "type" and e.validator_value == "null")
+                  ] or errors
+    return jsonschema.exceptions.best_match(errors)
 
 
 def validate_config(config: dict) -> dict:
@@ -284,12 +298,6 @@ class PipelineConfig:
         )
 
 
-def digest(obj: Any) -> str:
-    """Short sha256 of a JSON-able object (canonical form), used in provenance and resume."""
-    blob = json.dumps(obj, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
-
-
 # --------------------------------------------------------------------------- deep checks
 
 
@@ -349,9 +357,8 @@ def check_dataset(spec: DatasetSpec) -> None:
     open_dataset(spec, fetch=False)
 
 
-def check_config(config: dict) -> PipelineConfig:
-    """Validate against the schema, then deep-check every dataset. Returns the typed config."""
-    cfg = PipelineConfig.from_dict(config)
+def _check_experiments(cfg: PipelineConfig) -> None:
+    """Experiment names, and the datasets and crops that pretraining and fine-tuning need."""
     reserved = {"data", "tokens", "models", "benchmarks", "report"}
     clash = sorted(reserved & set(cfg.experiments))
     if clash:
@@ -365,8 +372,62 @@ def check_config(config: dict) -> PipelineConfig:
         if any(c % 16 for c in cfg.tokenize.crop):
             raise ConfigError(f"tokenize.crop {list(cfg.tokenize.crop)}: EMmamba needs every "
                               "axis divisible by 16")
-    for spec in cfg.datasets.values():
-        check_dataset(spec)
+    # with test datasets every experiment is fine-tuned: the test datasets are segmented with
+    # its fine-tuned model and the report lists it (workflow/rules/common.smk final_outputs)
+    tests = sorted(n for n, d in cfg.datasets.items() if "test" in d.roles)
+    if tests and cfg.experiments and not any("train" in d.roles for d in cfg.datasets.values()):
+        raise ConfigError(f"experiments {sorted(cfg.experiments)} are fine-tuned to segment the "
+                          f"test datasets {tests}, and fine-tuning needs a dataset with role "
+                          "'train', but none has it (datasets.NAME.roles)")
+
+
+def _raise_problems(problems: list[str]) -> None:
+    """Raise ConfigError listing every problem found (none: return)."""
+    if len(problems) == 1:
+        raise ConfigError(problems[0])
+    if problems:
+        raise ConfigError(f"{len(problems)} problems:\n  " + "\n  ".join(problems))
+
+
+def _check_test_labels(cfg: PipelineConfig, volumes: dict) -> None:
+    """Every test dataset's labels hold a non-zero id: all-0 ground truth (0 = ignored) scores
+    nothing, and its metrics would be empty. Reads ``download.block`` boxes up to the first
+    non-zero one (one read for ordinary labels). Remote sources are left out: files not fetched
+    yet (``volumes`` holds None for them) and precomputed layers (read over the network)."""
+    from tokenunify.io.sources import PrecomputedVolume, SourceError
+
+    for name, (_, labels) in volumes.items():
+        spec = cfg.datasets[name]
+        if ("test" not in spec.roles or labels is None
+                or isinstance(getattr(labels, "base", labels), PrecomputedVolume)):
+            continue
+        try:
+            box = checks.first_nonzero_block(labels, cfg.download.block)
+        except SourceError as exc:
+            raise ConfigError(str(exc)) from exc
+        if box is None:
+            inside = f" inside datasets.{name}.bbox" if spec.bbox else ""
+            raise ConfigError(
+                f"datasets.{name}.labels: every voxel of {spec.labels.source} (key "
+                f"{spec.labels.key}) is 0{inside}, shape {list(labels.shape)}; a 'test' dataset "
+                "needs non-zero neuron ids to be scored (0 is background, ignored): fix the "
+                "labels' source or key, or drop the 'test' role")
+
+
+def check_config(config: dict) -> PipelineConfig:
+    """Validate against the schema, then check what a schema cannot, before any job runs:
+    experiment names and the roles they need, the limits of the stage settings
+    (:mod:`tokenunify.checks`), every dataset's sources (:func:`open_dataset`, without
+    downloading), crops and windows against the volumes, and that test labels are not all 0.
+    Returns the typed config."""
+    cfg = PipelineConfig.from_dict(config)
+    _check_experiments(cfg)
+    _raise_problems(checks.setting_problems(cfg.raw))
+    volumes = {name: open_dataset(spec, fetch=False) for name, spec in cfg.datasets.items()}
+    shapes = {name: None if raw is None else tuple(raw.shape)
+              for name, (raw, _) in volumes.items()}
+    _raise_problems(checks.size_problems(cfg.raw, shapes))
+    _check_test_labels(cfg, volumes)
     return cfg
 
 

@@ -26,7 +26,8 @@ import numpy as np
 import zarr
 from tqdm.auto import tqdm
 
-from tokenunify.config import DatasetSpec, DownloadConfig, digest, open_dataset
+from tokenunify.config import DatasetSpec, DownloadConfig, open_dataset
+from tokenunify.io.identity import Lineage
 from tokenunify.io.sources import SourceError, Volume, read_mapping
 from tokenunify.io.zarrio import StagedOutput, blocks, create_volume, provenance
 
@@ -51,10 +52,13 @@ def bounded_map(fn, items, workers: int):
                 f.cancel()
 
 
-def intensity_range(vol: Volume, block, workers: int = 1) -> tuple[float, float]:
-    """Streaming (min, max) of a volume, block by block (bounded memory)."""
+def intensity_range(vol: Volume, block, workers: int = 1,
+                    where: str = "raw") -> tuple[float, float]:
+    """Streaming (min, max) of a volume, block by block (bounded memory); NaN or infinite
+    voxels stop it (:func:`check_finite`; ``where`` names the dataset in the error)."""
     def one(box):
         a = vol.read(box)
+        check_finite(a, f"{where} ({vol.url}), {box_str(box)}")
         return float(a.min()), float(a.max())
 
     lo, hi = np.inf, -np.inf
@@ -63,10 +67,30 @@ def intensity_range(vol: Volume, block, workers: int = 1) -> tuple[float, float]
     return lo, hi
 
 
-def to_uint8(a: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """Map [lo, hi] linearly onto 0..255 (clipped, rounded); uint8 input passes through."""
+def box_str(box) -> str:
+    """'block z 0:16, y 0:64, x 0:64' for error messages."""
+    return "block " + ", ".join(f"{ax} {s.start}:{s.stop}" for ax, s in zip("zyx", box,
+                                                                             strict=True))
+
+
+def check_finite(a: np.ndarray, where: str) -> None:
+    """Stop on NaN or infinite float raw: they have no 0..255 value (a cast would turn NaN
+    into 0 with only a numpy warning). The error names ``where`` and the count in ``a``."""
+    if a.dtype.kind != "f" or np.isfinite(a).all():
+        return
+    counts = ((int(np.isnan(a).sum()), "NaN"), (int(np.isinf(a).sum()), "infinite"))
+    what = " and ".join(f"{n} {kind}" for n, kind in counts if n)
+    raise SourceError(f"{where}: {what} voxels in this block (the first one found; later blocks "
+                      "are not counted). Raw intensities must be finite: replace them in the "
+                      "source (e.g. with the background intensity) or crop them out with bbox")
+
+
+def to_uint8(a: np.ndarray, lo: float, hi: float, where: str = "raw") -> np.ndarray:
+    """Map [lo, hi] linearly onto 0..255 (clipped, rounded); uint8 input passes through.
+    NaN or infinite voxels raise SourceError naming ``where`` (:func:`check_finite`)."""
     if a.dtype == np.uint8 and (lo, hi) == (0, 255):
         return a
+    check_finite(a, where)
     scale = 255.0 / (hi - lo) if hi > lo else 0.0
     return np.clip(np.rint((a.astype(np.float64) - lo) * scale), 0, 255).astype(np.uint8)
 
@@ -94,6 +118,20 @@ class LabelConverter:
         return a
 
 
+def local_inputs(spec: DatasetSpec) -> dict[str, str]:
+    """The local files a dataset is read from (URLs and synthetic volumes: none; their
+    settings are the spec itself), so that replacing a file invalidates a staged download."""
+    found = {}
+    for name, src in (("raw", spec.raw), ("labels", spec.labels)):
+        for i, path in enumerate((src.source, src.mapping.source if src.mapping else None)
+                                 if src else ()):
+            if path and ("://" not in path or path.startswith("file://")):
+                p = Path(path.removeprefix("file://"))
+                if p.exists():
+                    found[name if i == 0 else f"{name}.mapping"] = str(p)
+    return found
+
+
 def run(spec: DatasetSpec, out: str | Path, cfg: DownloadConfig = DownloadConfig(),
         progress: bool | None = None) -> Path:
     """Download one dataset to ``out`` (a ``.zarr`` folder); resumable; returns ``out``.
@@ -114,8 +152,8 @@ def run(spec: DatasetSpec, out: str | Path, cfg: DownloadConfig = DownloadConfig
     shape = tuple(raw.shape)
     block = tuple(min(b, n) for b, n in zip(cfg.block, shape, strict=True))
     spec_dict = spec.to_dict()
-    dig = digest({"spec": spec_dict, "block": block})
-    stage = StagedOutput(out, dig)
+    lineage = Lineage.of("download", {"spec": spec_dict, "block": block}, local_inputs(spec))
+    stage = StagedOutput(out, lineage)
     root = zarr.open_group(str(stage.path), mode="a", zarr_format=3)
 
     if raw.dtype == np.uint8:
@@ -127,10 +165,10 @@ def run(spec: DatasetSpec, out: str | Path, cfg: DownloadConfig = DownloadConfig
     else:
         log.info("%s: raw is %s; computing its intensity range by a streaming pass",
                  spec.name, raw.dtype)
-        lo, hi = intensity_range(raw, block, cfg.workers)
+        lo, hi = intensity_range(raw, block, cfg.workers, where=f"{where}.raw")
     root.attrs["intensity_range"] = [lo, hi]
 
-    prov = provenance("download", dig, {"raw": spec.raw.source,
+    prov = provenance("download", lineage, {"raw": spec.raw.source,
                                         "labels": spec.labels.source if spec.labels else None})
     raw_out = create_volume(root, "raw", shape, block, np.uint8, voxel_size, offset,
                             {"source": raw.describe(), "intensity_range": [lo, hi],
@@ -152,7 +190,8 @@ def run(spec: DatasetSpec, out: str | Path, cfg: DownloadConfig = DownloadConfig
 
     def copy_block(item):
         idx, box = item
-        raw_out[box] = to_uint8(raw.read(box), lo, hi)
+        raw_out[box] = to_uint8(raw.read(box), lo, hi,
+                                f"{where}.raw ({spec.raw.source}), {box_str(box)}")
         if lab_out is not None:
             lab_out[box] = conv(labels.read(box))
         stage.mark_done("block", idx)

@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 import zarr
 
+from tokenunify.io.zarrio import require_complete
 from tokenunify.metrics import contingency_blockwise, scores
 
 log = logging.getLogger(__name__)
@@ -90,14 +91,26 @@ def run(segmentation: str | Path, volume: str | Path, out: str | Path, experimen
                          f"to be evaluated (give it labels or drop the 'test' role)")
     labels = vol["labels"]
     rows = []
+    for arr in [labels] + [seg_root[n] for n in names if n in seg_root]:  # before computing
+        require_complete(arr, "evaluate")
     gt = prepare_gt(labels, cfg)
     for name, t in zip(names, thresholds, strict=True):
+        if name not in seg_root:
+            raise ValueError(f"{segmentation}: threshold array {name!r} (t = {t}) is listed in "
+                             f"its attributes but missing; rerun the agglomerate stage")
         seg = seg_root[name]
         if tuple(seg.shape) != tuple(labels.shape):
             raise ValueError(f"{volume}/labels has shape {tuple(labels.shape)} but "
                              f"{segmentation}/{name} has shape {tuple(seg.shape)}")
         table = contingency_blockwise(gt, seg, cfg.block, progress=False)
         n_seg = len(np.unique(table.seg[table.seg != 0]))
+        if not table.n:
+            prepared = (f" after gt_min_size {cfg.gt_min_size} / gt_border_width "
+                        f"{cfg.gt_border_width}" if cfg.gt_min_size or cfg.gt_border_width
+                        else "")
+            raise ValueError(f"{volume}/labels of dataset {dataset!r} has no labelled voxel "
+                             f"(all 0{prepared}): there is nothing to score. Give the test "
+                             f"dataset non-zero labels or drop its 'test' role")
         if table.n and not np.any(table.seg != 0):
             raise ValueError(f"{segmentation}/{name} is empty (all 0) where the ground truth "
                              f"has labels")

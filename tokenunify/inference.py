@@ -12,8 +12,9 @@ A block predicts every window of the global grid that intersects its core (the w
 out of the core by up to ``window - 1``: that is the halo, the model's whole context) and blends
 them with a Gaussian weight (sigma = ``sigma_scale`` x window) into the core. Because the windows,
 their inputs and their weights do not depend on the blocking, the affinities of a voxel are the
-same whatever the block size (up to float rounding of batched convolutions): tested with 1 block
-vs 2x2x2 blocks.
+same whatever the block size, bit for bit: every forward pass has ``batch_size`` windows (the
+last batch of a block padded with zero windows) and every block task computes with ``threads``
+torch threads (float sums depend on both), whatever the Dask workers or snakemake --cores.
 
 Output ``affinities.zarr`` (array ``affinities``): (3, Z, Y, X), channel order z, y, x, offsets
 (-1,0,0), (0,-1,0), (0,0,-1) (see :mod:`tokenunify.affinities`), dtype uint8 (value x 255,
@@ -43,7 +44,9 @@ import torch
 import zarr
 
 from tokenunify.cluster import DaskConfig, batch_of, dask_client
-from tokenunify.io.zarrio import StagedOutput, blocks, create_volume, exclusive, provenance
+from tokenunify.io.identity import Lineage
+from tokenunify.io.locks import exclusive
+from tokenunify.io.zarrio import StagedOutput, blocks, create_volume, provenance, require_complete, writable
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +63,8 @@ class InferConfig:
     tta: bool = False  # average over the 8 flips of z, y, x
     dtype: str = "uint8"  # uint8 (x 255) or float16
     workers: int = 1  # local Dask worker processes
-    threads_per_worker: int = 2  # Dask threads per worker, and torch threads per block task
+    threads_per_worker: int = 2  # Dask threads per worker: blocks at once (results unchanged)
+    threads: int = 2  # torch threads of each block task (the affinities depend on it)
     dask: DaskConfig = field(default_factory=DaskConfig)  # local, address or slurm
     batch_blocks: int | None = None  # blocks per Snakemake job (None: one job)
 
@@ -193,10 +197,15 @@ def predict_block(raw, checkpoint, core: tuple[slice, slice, slice], cfg: InferC
     out_ch = model.config.out_channels
     acc = np.zeros((out_ch, *(hi - lo)), np.float32)
     wsum = np.zeros(tuple(hi - lo), np.float32)
-    for i in range(0, len(wins), cfg.batch_size):
-        chunk = wins[i:i + cfg.batch_size]
-        batch = np.stack([read_padded(raw, s, cfg.window) for s in chunk])
-        preds = _predict(model, normalize_windows(batch), cfg.tta)
+    n = cfg.batch_size
+    for i in range(0, len(wins), n):
+        chunk = wins[i:i + n]
+        batch = normalize_windows(np.stack([read_padded(raw, s, cfg.window) for s in chunk]))
+        # every forward pass has batch_size windows (the last one padded with zero windows,
+        # whose outputs are dropped): kernels may round differently for another batch size,
+        # and which windows share a batch depends on the blocking
+        batch = np.concatenate([batch, np.zeros((n - len(chunk), *batch.shape[1:]), batch.dtype)])
+        preds = _predict(model, batch, cfg.tta)[:len(chunk)]
         for s, p in zip(chunk, preds, strict=True):
             a = np.maximum(np.array(s), lo)
             b = np.minimum(np.array(s) + cfg.window, hi)
@@ -216,11 +225,12 @@ def _encode(aff: np.ndarray, dtype: str) -> np.ndarray:
 def _block_task(raw_path: str, out_path: str, checkpoint: str, idx, core, cfg: InferConfig,
                 done_dir: str) -> float:
     t0 = time.perf_counter()
-    # the same torch thread count wherever the task runs (a Dask nanny sets OMP_NUM_THREADS=1):
-    # float sums, and so the stored affinities, depend on it
-    torch.set_num_threads(cfg.threads_per_worker)
+    # the same torch thread count wherever the task runs (a Dask nanny sets OMP_NUM_THREADS=1),
+    # from the config only (not from snakemake --cores or the Dask threads): float sums, and so
+    # the stored affinities, depend on it
+    torch.set_num_threads(cfg.threads)
     raw = zarr.open_group(raw_path, mode="r")["raw"]
-    out = zarr.open_group(out_path, mode="r+")["affinities"]
+    out = writable(zarr.open_group(out_path, mode="r+")["affinities"])
     aff = predict_block(raw, checkpoint, core, cfg)
     out[(slice(None),) + tuple(core)] = _encode(aff, cfg.dtype)
     marker = Path(done_dir) / "_".join(str(i) for i in idx)
@@ -273,28 +283,27 @@ def run(volume: str | Path, checkpoint: str | Path, out: str | Path,
         batch: predict only this batch of ``cfg.batch_blocks`` blocks into the staging folder
             and return its path; None: predict every missing block and commit ``out``.
     """
-    from tokenunify.config import digest
     from tokenunify.train import checkpoint as ckpt
 
     src = zarr.open_group(str(volume), mode="r")
     raw = src["raw"]
+    require_complete(raw, "infer")
     state = ckpt.load(checkpoint)
     out_ch = state["model_config"]["out_channels"]
     block = tuple(min(b, n) for b, n in zip(cfg.block, raw.shape, strict=True))
     # what changes the result (not where or in how many jobs it runs)
     settings = {k: v for k, v in cfg.__dict__.items()
                 if k not in ("dask", "batch_blocks", "workers", "threads_per_worker")}
-    dig = digest({"cfg": settings, "volume": str(volume), "checkpoint": str(checkpoint),
-                  "step": state.get("step")})
+    lineage = Lineage.of("infer", settings, {"volume": volume, "checkpoint": checkpoint})
     with exclusive(out):  # batch jobs of this stage may start together
-        stage = StagedOutput(out, dig)
+        stage = StagedOutput(out, lineage)
         root = zarr.open_group(str(stage.path), mode="a", zarr_format=3)
         create_volume(root, "affinities", raw.shape, block, cfg.dtype, raw.attrs["voxel_size"],
                       raw.attrs["offset"], channels=out_ch,
                       attrs={"offsets": [[-1, 0, 0], [0, -1, 0], [0, 0, -1]],
                              "channel_order": ["z", "y", "x"],
                              "scale": 255.0 if cfg.dtype == "uint8" else 1.0,
-                             "provenance": provenance("infer", dig,
+                             "provenance": provenance("infer", lineage,
                                                       [str(volume), str(checkpoint)]),
                              "window": list(cfg.window), "overlap": list(cfg.overlap),
                              "tta": cfg.tta})

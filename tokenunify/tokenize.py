@@ -34,8 +34,9 @@ import numpy as np
 import pandas as pd
 import zarr
 
-from tokenunify.config import TokenizeConfig, digest
-from tokenunify.io.zarrio import StagedOutput, provenance
+from tokenunify.config import TokenizeConfig
+from tokenunify.io.identity import Lineage
+from tokenunify.io.zarrio import StagedOutput, create_array, provenance, require_complete
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,7 @@ def run(volume: str | Path, out: str | Path, manifest: str | Path,
         array: which array of the group to read.
     """
     src = zarr.open_group(str(volume), mode="r")[array]
+    require_complete(src, "tokenize")
     shape = src.shape
     pos = crop_positions(shape, cfg.crop, cfg.stride, cfg.cover_edges)
     if len(pos) == 0:
@@ -184,15 +186,16 @@ def run(volume: str | Path, out: str | Path, manifest: str | Path,
     norm_std = np.maximum(norm_std, 1e-6)
 
     # Pass 2: write the kept crops, one task per tile.
-    dig = digest({"cfg": cfg.__dict__, "array": array, "source": str(volume)})
-    stage = StagedOutput(out, dig)
+    settings = {k: v for k, v in cfg.__dict__.items() if k not in ("scheduler", "workers")}
+    stage = StagedOutput(out, Lineage.of("tokenize", {"cfg": settings, "array": array},
+                                         {"volume": volume}))
     root = zarr.open_group(str(stage.path), mode="a", zarr_format=3)
     spatial = dict(src.attrs)
     # One zarr chunk per crop: tasks write disjoint chunks, training reads a crop in one read.
-    crops = root.create_array("crops", shape=(len(kept), cz, cy, cx), chunks=(1, cz, cy, cx),
-                              dtype=np.uint8, fill_value=0,
-                              compressors=zarr.codecs.BloscCodec(cname="zstd", clevel=3),
-                              dimension_names=["crop", "z", "y", "x"], overwrite=True)
+    crops = create_array(root, "crops", shape=(len(kept), cz, cy, cx), chunks=(1, cz, cy, cx),
+                         dtype=np.uint8, fill_value=0,
+                         compressors=zarr.codecs.BloscCodec(cname="zstd", clevel=3),
+                         dimension_names=["crop", "z", "y", "x"], overwrite=True)
     out_index = np.full(len(pos), -1)
     out_index[kept] = np.arange(len(kept))
     writes = [dask.delayed(_tile_write)(src, crops, pos[g[out_index[g] >= 0]],
@@ -201,7 +204,7 @@ def run(volume: str | Path, out: str | Path, manifest: str | Path,
     dask.compute(*writes, **sched)
     for name, val in (("mean", norm_mean.astype(np.float32)), ("std", norm_std.astype(np.float32)),
                       ("position", pos[kept])):
-        root.create_array(name, data=val, chunks=val.shape, overwrite=True)
+        create_array(root, name, data=val, chunks=val.shape, overwrite=True)
     root.attrs.update({
         "crop": list(cfg.crop), "patch": list(cfg.patch),
         "tokens_per_crop": int(np.prod(np.array(cfg.crop) // np.array(cfg.patch))),
@@ -209,7 +212,7 @@ def run(volume: str | Path, out: str | Path, manifest: str | Path,
         "normalize": cfg.normalize, "voxel_size": spatial.get("voxel_size"),
         "offset": spatial.get("offset"), "axis_names": ["crop", "z", "y", "x"],
         "units": ["", "nm", "nm", "nm"], "n_candidates": int(len(df)), "n_kept": int(len(kept)),
-        "provenance": provenance("tokenize", dig, [str(volume)]),
+        "provenance": provenance("tokenize", stage.lineage, [str(volume)]),
     })
     manifest = Path(manifest)
     manifest.parent.mkdir(parents=True, exist_ok=True)
@@ -233,6 +236,8 @@ class TokenCrops:
     def __init__(self, path: str | Path):
         self.root = zarr.open_group(str(path), mode="r")
         self.crops = self.root["crops"]
+        for name in ("crops", "mean", "std"):
+            require_complete(self.root[name], "pretrain")
         self.mean = np.asarray(self.root["mean"])
         self.std = np.asarray(self.root["std"])
         self.patch = tuple(self.root.attrs["patch"])

@@ -106,3 +106,54 @@ def test_resume_continues_the_same_curve(data, tmp_path):
     lb = [json.loads(ln)["loss"] for ln in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert len(la) == len(lb) == 5
     np.testing.assert_allclose(la, lb, rtol=1e-5)
+
+
+def test_ddp_prefixed_checkpoint_loads_every_encoder_tensor(data, tmp_path):
+    """DDP's 'module.' prefix (distributed and official checkpoints) is stripped as in
+    import-weights: every tensor but the output head loads, none is silently left random."""
+    pre = ckpt.load(data / "pre.pt")
+    ckpt.save({**pre, "model": {f"module.{k}": v for k, v in pre["model"].items()}},
+              tmp_path / "ddp.pt")
+    out = run(tmp_path / "ddp.pt", [data / "train.zarr"], [], tmp_path / "ft", "exp",
+              FinetuneConfig(crop=(16, 32, 32), steps=1), progress=False)
+    report = json.loads((out / "load_report.json").read_text())
+    head = ["out.conv.conv.weight", "out.conv.conv.bias"]
+    assert report["missing"] == head and report["dropped"] == head
+    assert report["loaded"] == len(pre["model"]) - 2 and report["loaded_share"] == 1.0
+    assert report["unexpected"] == []
+
+
+def test_partial_checkpoint_fails_naming_the_share(data, tmp_path):
+    """Fewer tensors than finetune.min_loaded (default all but the head) is an error that
+    names the file, the share loaded and missing tensors; a lower min_loaded accepts it."""
+    pre = ckpt.load(data / "pre.pt")
+    body = [k for k in pre["model"] if not k.startswith("out.")]
+    kept = {k: v for k, v in pre["model"].items() if not k.startswith("decoder1.")}
+    ckpt.save({**pre, "model": kept}, tmp_path / "part.pt")
+    share = (len(body) - sum(k.startswith("decoder1.") for k in body)) / len(body)
+    assert 0.5 < share < 1
+    cfg = FinetuneConfig(crop=(16, 32, 32), steps=1)
+    with pytest.raises(ckpt.CheckpointError) as err:
+        run(tmp_path / "part.pt", [data / "train.zarr"], [], tmp_path / "ft", "exp", cfg,
+            progress=False)
+    msg = str(err.value)
+    assert "part.pt" in msg and f"{share:.1%}" in msg and "decoder1.layer.conv1.conv.weight" in msg
+    assert not (tmp_path / "ft").exists()
+    with pytest.raises(ValueError, match="min_loaded"):
+        FinetuneConfig(min_loaded=1.5)
+    out = run(tmp_path / "part.pt", [data / "train.zarr"], [], tmp_path / "ft", "exp",
+              FinetuneConfig(crop=(16, 32, 32), steps=1, min_loaded=share - 0.01),
+              progress=False)
+    report = json.loads((out / "load_report.json").read_text())
+    assert report["loaded_share"] == pytest.approx(share)
+
+
+def test_random_bytes_are_not_a_torch_checkpoint(data, tmp_path):
+    """Garbage is reported as such, not as a file holding pickled Python objects."""
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"\x13\x37" + np.random.default_rng(0).bytes(4000))
+    with pytest.raises(ckpt.CheckpointError, match="junk.pt: not a torch checkpoint"):
+        ckpt.load(junk)
+    with pytest.raises(ckpt.CheckpointError, match="not a torch checkpoint"):
+        run(junk, [data / "train.zarr"], [], tmp_path / "ft", "exp", FinetuneConfig(),
+            progress=False)

@@ -43,7 +43,17 @@ from tokenunify.agglomerate.merge import MergeHistory, agglomerate_graph
 from tokenunify.agglomerate.reference import waterz_segmentations
 from tokenunify.agglomerate.scoring import DEFAULT, parse
 from tokenunify.cluster import DaskConfig, batch_of, dask_client
-from tokenunify.io.zarrio import StagedOutput, blocks, create_volume, exclusive, provenance
+from tokenunify.io.identity import Lineage
+from tokenunify.io.locks import exclusive
+from tokenunify.io.zarrio import (
+    StagedOutput,
+    blocks,
+    create_array,
+    create_volume,
+    provenance,
+    require_complete,
+    writable,
+)
 
 log = logging.getLogger(__name__)
 OFFSETS = [[-1, 0, 0], [0, -1, 0], [0, 0, -1]]
@@ -125,6 +135,7 @@ def read_affinities(path: str | Path) -> tuple[zarr.Array, float]:
         raise ValueError(f"{path}/affinities: channel_order {order}, expected ['z', 'y', 'x']")
     if len(arr.attrs.get("voxel_size", [1, 1, 1])) != 3:
         raise ValueError(f"{path}/affinities: voxel_size must have 3 entries (z, y, x)")
+    require_complete(arr, "agglomerate")
     scale = float(arr.attrs.get("scale", 255.0 if arr.dtype == np.uint8 else 1.0))
     return arr, scale
 
@@ -152,7 +163,7 @@ def _fragments_task(aff_path, scale, out, work, idx, box, tile, context):
     a = _float(aff[:, zs, y0:y1, x0:x1], scale)
     local, counts = fr.block_fragments(a, (ys.start - y0, xs.start - x0),
                                        (ys.stop - ys.start, xs.stop - xs.start), tile, context)
-    zarr.open_group(out, mode="r+")["fragments_local"][box] = local
+    writable(zarr.open_group(out, mode="r+")["fragments_local"])[box] = local
     np.save(Path(work) / "counts" / ("_".join(map(str, idx)) + ".npy"), counts)
     _mark(Path(work), "fragments", idx)
 
@@ -181,8 +192,8 @@ def _relabel_task(out, work, idx, box, tile, offsets, luts: dict):
     frag = _global_fragments(out, offsets, box, tile)
     root = zarr.open_group(out, mode="r+")
     for name, lut in luts.items():
-        root[name][box] = lut[frag]
-    root["fragments"][box] = frag
+        writable(root[name])[box] = lut[frag]
+    writable(root["fragments"])[box] = frag
     _mark(Path(work), "relabel", idx)
 
 
@@ -312,14 +323,12 @@ class _Blockwise:
 
 
 def run(affinities: str | Path, out: str | Path, cfg: AgglomerateConfig | None = None,
-        config_digest: str = "", phase: str | None = None, batch: int | None = None) -> Path:
+        phase: str | None = None, batch: int | None = None) -> Path:
     """Agglomerate ``affinities`` (an affinities.zarr) into ``out`` (segmentation.zarr).
 
     ``phase`` (one of :data:`PHASES`) with ``batch`` (None: all blocks) runs that phase only,
     into the staging folder, and returns its path; without ``phase`` everything left is done
     and ``out`` is committed."""
-    from tokenunify.config import digest
-
     cfg = cfg or AgglomerateConfig()
     if phase is not None and (phase not in PHASES or cfg.method != "blockwise"):
         raise ValueError(f"agglomerate phase {phase!r}: phases {list(PHASES)} exist for "
@@ -329,12 +338,12 @@ def run(affinities: str | Path, out: str | Path, cfg: AgglomerateConfig | None =
     vs, off = aff.attrs.get("voxel_size", [1.0] * 3), aff.attrs.get("offset", [0.0] * 3)
     settings = {k: v for k, v in asdict(cfg).items()
                 if k not in ("dask", "batch_blocks", "workers", "scheduler")}
-    dig = digest({"cfg": settings, "affinities": str(affinities), "shape": list(shape),
-                  "aff": aff.attrs.get("provenance", {}), "run": config_digest})
+    lineage = Lineage.of("agglomerate", {"cfg": settings, "shape": list(shape)},
+                         {"affinities": affinities})
     block = tuple(min(b, n) for b, n in zip(cfg.block, shape, strict=True))
     names = [threshold_name(t) for t in cfg.thresholds]
     with exclusive(out):  # batch jobs of this stage may start together
-        stage = StagedOutput(out, dig)
+        stage = StagedOutput(out, lineage)
         root = zarr.open_group(str(stage.path), mode="a", zarr_format=3)
         for name in names + ["fragments"]:
             create_volume(root, name, shape, block, np.uint64, vs, off)
@@ -346,9 +355,9 @@ def run(affinities: str | Path, out: str | Path, cfg: AgglomerateConfig | None =
                 else None)
         for t, seg in waterz_segmentations(a, cfg.thresholds, cfg.scoring, frag,
                                            cfg.discretize_queue).items():
-            root[threshold_name(t)][:] = seg
+            writable(root[threshold_name(t)])[:] = seg
         if frag is not None:  # waterz's own fragments stay inside waterz
-            root["fragments"][:] = frag
+            writable(root["fragments"])[:] = frag
     else:
         grid = list(blocks(shape, cfg.block))
         subset = batch_of(grid, batch, cfg.batch_blocks)
@@ -368,8 +377,8 @@ def run(affinities: str | Path, out: str | Path, cfg: AgglomerateConfig | None =
             data = getattr(history, k)
             if k in g:
                 del g[k]
-            g.create_array(k, shape=data.shape, dtype=data.dtype, chunks=(max(1, len(data)),))
-            g[k][:] = data
+            create_array(g, k, shape=data.shape, dtype=data.dtype,
+                         chunks=(max(1, len(data)),))[:] = data
         g.attrs.update({"description": "merge history: fragment u absorbed v at level (score); "
                                        "pre: fragment -> stitched representative (applied first)",
                         "n_fragments": history.n_fragments})
@@ -377,6 +386,6 @@ def run(affinities: str | Path, out: str | Path, cfg: AgglomerateConfig | None =
                        "scoring": cfg.scoring, "method": cfg.method,
                        "fragments": cfg.fragments, "tile": cfg.tile, "context": cfg.context,
                        "voxel_size": list(vs), "offset": list(off),
-                       "provenance": provenance("agglomerate", dig, [str(affinities)])})
+                       "provenance": provenance("agglomerate", lineage, [str(affinities)])})
     shutil.rmtree(stage.path / ".work", ignore_errors=True)
     return stage.commit()

@@ -2,40 +2,44 @@
 
 - :func:`create_volume` makes an array with ``voxel_size``/``offset`` (nm, z y x),
   ``axis_names``, ``units`` and a provenance record.
+- Every array the pipeline writes stores every chunk, all-fill ones included
+  (:data:`WRITE_CONFIG`, through :func:`create_array` and :func:`writable`), so a missing chunk
+  file always means damage; :func:`require_complete` finds one before a stage computes (zarr
+  would read it as the fill value, 0, without a word).
 - Stages never write zarr through ``dask.array.to_zarr``, which silently loses data when two
   tasks write one chunk (../shared/notes/install.md §1): every task writes whole chunks of its
   own (tokenize: one chunk per crop; infer: one chunk per block).
 - :class:`StagedOutput` builds an output directory under ``<name>.partial`` and renames it into
   place only when complete, so a crash never leaves a half-written output that looks finished,
   and an earlier complete output is replaced only by a complete new one.
-- :func:`exclusive` serialises the setup of a staging folder when several batch jobs of one
-  stage start at once.
+- Locks on outputs live in :mod:`tokenunify.io.locks`, content identities in
+  :mod:`tokenunify.io.identity`.
 """
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import shutil
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import zarr
 
 import tokenunify
+from tokenunify.io.identity import Lineage
 
 log = logging.getLogger(__name__)
 
 AXES = ["z", "y", "x"]
 
 
-def provenance(stage: str, config_digest: str, inputs: list[str] | dict) -> dict:
-    """The lineage record stored as ``attrs['provenance']`` on every output."""
-    return {"stage": stage, "config_digest": config_digest, "inputs": inputs,
-            "tokenunify_version": tokenunify.__version__,
+def provenance(stage: str, lineage: Lineage, inputs: list[str] | dict) -> dict:
+    """The lineage record stored as ``attrs['provenance']`` on every output: the content
+    identity, the digest of the settings, the input paths, the package version and the time."""
+    return {"stage": stage, "identity": lineage.identity, "config_digest": lineage.settings,
+            "inputs": inputs, "tokenunify_version": tokenunify.__version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
@@ -66,37 +70,133 @@ def create_volume(group: zarr.Group, name: str, shape, chunks, dtype, voxel_size
         if isinstance(arr, zarr.Array) and arr.shape == shape and arr.dtype == np.dtype(dtype) \
                 and arr.chunks == chunks:
             arr.attrs.update(meta)
-            return arr
+            return writable(arr)
         del group[name]
-    arr = group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0,
-                             compressors=zarr.codecs.BloscCodec(cname="zstd", clevel=3),
-                             dimension_names=dims, config={"write_empty_chunks": True})
+    arr = create_array(group, name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0,
+                       compressors=zarr.codecs.BloscCodec(cname="zstd", clevel=3),
+                       dimension_names=dims)
     arr.attrs.update(meta)
     return arr
+
+
+#: Runtime config of every array the pipeline writes: all-fill chunks are stored too, so the
+#: chunk grid on disk is complete by construction. zarr keeps this config on the Array object
+#: only (not in zarr.json): an array reopened to be written must go through :func:`writable`.
+WRITE_CONFIG = {"write_empty_chunks": True}
+
+
+def create_array(group: zarr.Group, name: str, **kwargs) -> zarr.Array:
+    """``group.create_array(name, **kwargs)`` with :data:`WRITE_CONFIG` (every chunk stored)."""
+    return group.create_array(name, config=WRITE_CONFIG, **kwargs)
+
+
+def writable(array: zarr.Array) -> zarr.Array:
+    """``array`` (e.g. reopened by a worker task) set to store every chunk it is given."""
+    return array.with_config(WRITE_CONFIG)
+
+
+class IncompleteArrayError(ValueError):
+    """A pipeline-written zarr array lacks chunk files: not completely written, or damaged."""
+
+    def __init__(self, message: str, path: str, missing: list[tuple[int, ...]], total: int):
+        super().__init__(message)
+        self.path, self.missing, self.total = path, missing, total
+
+
+def array_path(array: zarr.Array) -> str:
+    """Where ``array`` is stored: a folder for a local store, else the store's URL."""
+    from zarr.storage import LocalStore
+
+    store, path = array.store_path.store, array.store_path.path
+    if isinstance(store, LocalStore):
+        return os.path.join(str(store.root), path) if path else str(store.root)
+    return str(array.store_path)
+
+
+def stored_keys(array: zarr.Array) -> set[str]:
+    """The keys (relative to the array, e.g. ``c/0/1/2``) of every object stored under it."""
+    from zarr.core.sync import sync
+    from zarr.storage import LocalStore
+
+    store, path = array.store_path.store, array.store_path.path
+    if isinstance(store, LocalStore):  # a scandir walk: no stat per file, unlike list_prefix
+        keys, todo = set(), [("", array_path(array))]
+        while todo:
+            rel, folder = todo.pop()
+            try:
+                with os.scandir(folder) as it:
+                    for e in it:
+                        if e.is_dir():
+                            todo.append((rel + e.name + "/", e.path))
+                        else:
+                            keys.add(rel + e.name)
+            except FileNotFoundError:
+                pass
+        return keys
+    prefix = path + "/" if path else ""
+
+    async def listing() -> set[str]:
+        return {k[len(prefix):] async for k in store.list_prefix(prefix)}
+
+    return sync(listing())
+
+
+def require_complete(array: zarr.Array, where: str) -> None:
+    """Raise :class:`IncompleteArrayError` if a chunk of ``array`` is not stored.
+
+    zarr reads a missing chunk as the fill value (0), so a deleted chunk file or an unfinished
+    write would silently change a stage's result. Pipeline arrays store every chunk
+    (:data:`WRITE_CONFIG`), so every key of the chunk grid (the shard grid when sharded: a
+    shard is the stored object) must exist. ``where`` (the stage) starts the message, which
+    names the array's path, the number of missing chunks and the first few chunk indices.
+    Cost: one listing of the array's folder (benchmarks/bench_chunk_check.py).
+    """
+    grid = [-(-n // c) for n, c in zip(array.shape, array.shards or array.chunks, strict=True)]
+    stored = stored_keys(array)
+    encode = array.metadata.encode_chunk_key
+    missing = [idx for idx in np.ndindex(*grid) if encode(idx) not in stored]
+    if not missing:
+        return
+    path, total = array_path(array), int(np.prod(grid, dtype=np.int64))
+    first = ", ".join(f"{list(i)} (key {encode(i)})" for i in missing[:5])
+    more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+    raise IncompleteArrayError(
+        f"{where}: zarr array {path} is incomplete: {len(missing)} of {total} chunks are not "
+        f"stored: chunk index {first}{more}. A missing chunk would read as zeros; the array "
+        f"was not completely written or a chunk file was deleted: rerun the stage that writes "
+        f"it", path, missing, total)
 
 
 class StagedOutput:
     """Build ``final`` under ``final.partial``; :meth:`commit` renames it into place.
 
     The staging folder survives a crash (Snakemake does not know it, so it does not delete it),
-    which is what lets a rerun resume from per-block done markers. If the staging folder was made
-    for a different config (``digest``), it is discarded.
+    which is what lets a rerun resume from per-block done markers and the last checkpoint. It
+    is resumed only when it was made from the same settings and the same inputs (the
+    :class:`~tokenunify.io.identity.Lineage` recorded in it equals ``lineage``); otherwise it is
+    discarded, with a log line that says what changed. :meth:`commit` writes the lineage into
+    the finished output, where the next stage reads it as its input's identity.
     """
 
-    def __init__(self, final: str | Path, digest: str):
+    def __init__(self, final: str | Path, lineage: Lineage):
         self.final = Path(final)
         self.path = self.final.with_name(self.final.name + ".partial")
-        self.digest = digest
-        stamp = self.path / ".tokenunify_digest"
+        self.lineage = lineage
         if self.path.exists():
-            old = stamp.read_text() if stamp.exists() else ""
-            if old != digest:
-                log.info("discarding stale staging folder %s (config changed)", self.path)
+            old = Lineage.read(self.path)
+            if old != lineage:
+                why = ", ".join(lineage.differences(old)) if old else "no identity record"
+                log.info("discarding stale staging folder %s (%s)", self.path, why)
                 shutil.rmtree(self.path)
             else:
-                log.info("resuming from %s", self.path)
+                log.info("resuming from %s (same settings and inputs)", self.path)
         self.path.mkdir(parents=True, exist_ok=True)
-        stamp.write_text(digest)
+        lineage.write(self.path)
+
+    @property
+    def identity(self) -> str:
+        """The content identity of the output being built."""
+        return self.lineage.identity
 
     def marker(self, kind: str, index) -> Path:
         """Path of the done marker of block ``index`` (a tuple) of ``kind``."""
@@ -111,9 +211,10 @@ class StagedOutput:
         m.touch()
 
     def commit(self) -> Path:
-        """Drop markers, then atomically replace ``final`` with the staged folder."""
+        """Drop markers, then atomically replace ``final`` with the staged folder (which
+        carries the lineage record)."""
         shutil.rmtree(self.path / ".done", ignore_errors=True)
-        (self.path / ".tokenunify_digest").unlink(missing_ok=True)
+        self.lineage.write(self.path)
         old = None
         if self.final.exists():
             old = self.final.with_name(self.final.name + ".old")
@@ -122,27 +223,7 @@ class StagedOutput:
         os.replace(self.path, self.final)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-        lock_path(self.final).unlink(missing_ok=True)
         return self.final
-
-
-def lock_path(final: str | Path) -> Path:
-    final = Path(final)
-    return final.with_name(final.name + ".lock")
-
-
-@contextmanager
-def exclusive(final: str | Path):
-    """Hold an exclusive lock (``flock`` on ``<final>.lock``) for the block: batch jobs of one
-    stage set up the shared staging folder one at a time (NFSv4 and Lustre honour flock)."""
-    path = lock_path(final)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def blocks(shape, block):

@@ -41,18 +41,39 @@ def load(path: str | Path, map_location="cpu") -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip archive; the legacy format is a pickle (protocol byte 0x80 first)
+    if head != b"PK\x03\x04" and head[:1] != b"\x80":
+        raise CheckpointError(f"{path}: not a torch checkpoint: neither a zip archive nor a "
+                              f"pickle (it starts with {head!r}; an incomplete download or "
+                              "another kind of file?)")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
+        reason = [ln.strip() for ln in str(exc).splitlines() if "Unsupported global" in ln]
+        if not reason:  # a pickle the safe unpickler cannot parse, not a refused class
+            raise CheckpointError(f"{path}: not a readable torch checkpoint (corrupt pickle: "
+                                  f"{_unpickler_error(exc)})") from exc
         raise CheckpointError(
             f"{path}: refused to load: it holds pickled Python objects, which weights_only=True "
-            f"does not execute ({str(exc).splitlines()[0]}). Re-save it as plain tensors and "
+            f"does not execute ({reason[0].split(' was not')[0]}). Re-save it as plain tensors and "
             "dicts.") from exc
     except (RuntimeError, EOFError) as exc:
         raise CheckpointError(f"{path}: not a readable torch checkpoint: {exc}") from exc
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict, got {type(obj).__name__}")
     return obj
+
+
+def _unpickler_error(exc: Exception) -> str:
+    """The WeightsUnpickler's own reason in torch's long weights_only message."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    for i, ln in enumerate(lines):
+        if "WeightsUnpickler error" in ln:
+            rest = ln.split("WeightsUnpickler error:", 1)[-1].strip()
+            return rest or (lines[i + 1] if i + 1 < len(lines) else ln)
+    return lines[0] if lines else type(exc).__name__
 
 
 def rng_state() -> dict:

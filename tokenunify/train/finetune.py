@@ -6,6 +6,9 @@ roles ``train`` (sampled) and ``validate`` (scored). Outputs in ``out``
 checkpoint, or the last one without validation data), ``metrics.jsonl`` (loss per step,
 validation VOI / ARAND), ``loss.png`` and ``load_report.json`` (which pretrained tensors were
 loaded, dropped for a shape mismatch, e.g. the 1-channel output conv, or missing).
+The checkpoint is read like ``import-weights`` reads one (DDP's ``module.`` prefix stripped);
+when less than ``min_loaded`` of the network's tensors but the output head load (default: all
+of them), fine-tuning stops with an error instead of training from a random initialisation.
 
 Targets: nearest-neighbour affinities (plus optional long-range offsets) from the labels,
 :mod:`tokenunify.affinities` convention; optionally widened label borders. Ground-truth 0 never
@@ -33,9 +36,9 @@ import zarr
 from tqdm.auto import tqdm
 
 from tokenunify import affinities
-from tokenunify.config import digest
 from tokenunify.inference import normalize_windows
-from tokenunify.io.zarrio import StagedOutput
+from tokenunify.io.identity import Lineage
+from tokenunify.io.zarrio import StagedOutput, require_complete
 from tokenunify.model.emmamba import EMmamba, ModelConfig
 from tokenunify.train import checkpoint as ckpt
 from tokenunify.train import distributed
@@ -46,11 +49,13 @@ from tokenunify.train.loop import (
     lr_at,
     param_groups,
     plot_losses,
+    set_threads,
     truncate_metrics,
 )
-from tokenunify.train.weights import load_matching
+from tokenunify.train.weights import LoadReport, load_matching, read_checkpoint
 
 log = logging.getLogger(__name__)
+HEAD = "out."  # EMmamba.out: the output conv, whose channels differ from pretraining
 PARTS = {"all": ("",), "mamba": (".mamba.",), "encoder": ("vit.", "encoder"),
          "decoder": ("decoder", "out.")}
 
@@ -66,8 +71,11 @@ class FinetuneConfig(OptimConfig):
     validate_every: int = 50
     thresholds: tuple[float, ...] = (0.3, 0.5, 0.7)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    min_loaded: float = 1.0  # share of the pretrained tensors (all but the head) that must load
 
     def __post_init__(self):
+        if not 0 <= self.min_loaded <= 1:
+            raise ValueError(f"finetune.min_loaded {self.min_loaded} must be in [0, 1]")
         if self.part not in PARTS:
             raise ValueError(f"finetune.part must be one of {sorted(PARTS)}, not {self.part!r}")
         if any(c % 16 for c in self.crop):
@@ -99,6 +107,8 @@ class LabelledSampler:
         for v, g in zip(volumes, self.groups, strict=True):
             if "labels" not in g:
                 raise ValueError(f"{v}: no labels array; train datasets need labels")
+            for name in ("raw", "labels"):
+                require_complete(g[name], "finetune")
             if any(s < c for s, c in zip(g["raw"].shape, crop, strict=True)):
                 raise ValueError(f"{v}: shape {list(g['raw'].shape)} is smaller than "
                                  f"finetune.crop {list(crop)}")
@@ -160,6 +170,8 @@ def validate(model: EMmamba, volumes: list[str | Path], cfg: FinetuneConfig) -> 
     results = []
     for v in volumes:
         g = zarr.open_group(str(v), mode="r")
+        for name in ("raw", "labels"):
+            require_complete(g[name], "finetune")
         raw, labels = g["raw"], np.asarray(g["labels"][:])
         win = tuple(min(c, s) if s % 16 == 0 else c for c, s in zip(cfg.crop, raw.shape,
                                                                       strict=True))
@@ -179,6 +191,27 @@ def validate(model: EMmamba, volumes: list[str | Path], cfg: FinetuneConfig) -> 
             "val_threshold": [t for t, _ in results]}
 
 
+def check_loaded(report: LoadReport, model: nn.Module, path, min_loaded: float) -> float:
+    """The share of ``model``'s tensors outside the output head that ``report`` loaded; a
+    :class:`CheckpointError` naming the file and the missing tensors when it is below
+    ``min_loaded``. The head (``out.*``, EMmamba's 1x1x1 output conv: 1 channel in pretraining,
+    3 or more affinities here) is expected not to load."""
+    body = [k for k in model.state_dict() if not k.startswith(HEAD)]
+    loaded = set(report.loaded)
+    missing = [k for k in body if k not in loaded]
+    share = (len(body) - len(missing)) / max(len(body), 1)
+    if share < min_loaded:
+        shown = ", ".join(missing[:5]) + (f" ... ({len(missing) - 5} more)" if len(missing) > 5
+                                          else "")
+        hint = (f"; {len(report.unexpected)} names of the checkpoint are unknown to the model, "
+                f"e.g. {report.unexpected[0]}" if report.unexpected else "")
+        raise ckpt.CheckpointError(
+            f"{path}: only {share:.1%} of the network's tensors (all but the output head) "
+            f"loaded, {len(body) - len(missing)} of {len(body)}; finetune.min_loaded is "
+            f"{min_loaded:g}. Missing: {shown}{hint}")
+    return share
+
+
 def run(pretrained: str | Path, train_volumes: list, val_volumes: list, out: str | Path,
         experiment: str, cfg: FinetuneConfig, progress: bool | None = None,
         stop_after: int | None = None) -> Path | None:
@@ -188,23 +221,36 @@ def run(pretrained: str | Path, train_volumes: list, val_volumes: list, out: str
     di = distributed.setup()
     if cfg.batch_size % di.world:
         raise ValueError(f"finetune.batch_size {cfg.batch_size} is not divisible by {di.world}")
+    set_threads(di.device, cfg.threads)
     torch.manual_seed(cfg.seed)
-    state = ckpt.load(pretrained)
+    # the reader of import-weights: DDP's "module." prefix stripped
+    state, weights = read_checkpoint(pretrained)
+    if "model_config" not in state:
+        raise ckpt.CheckpointError(f"{pretrained}: no model_config (an official checkpoint? "
+                                   "convert it with `tokenunify import-weights` first)")
     mcfg = ModelConfig.from_dict({**state["model_config"], "out_channels": len(cfg.offsets)})
     net = EMmamba(mcfg)
-    report = load_matching(net, state["model"])
+    report = load_matching(net, weights)
     log.info("%s: initialised from %s\n%s", experiment, pretrained, report.summary())
+    share = check_loaded(report, net, pretrained, cfg.min_loaded)
     n_train = set_trainable(net, cfg.part)
     net = net.to(di.device)
     sampler = LabelledSampler(train_volumes, cfg.crop, cfg.seed)
-    dig = digest({"cfg": cfg.to_dict(), "pre": str(pretrained), "train": [str(v) for v in
-                                                                          train_volumes]})
-    stage = StagedOutput(out, dig) if di.is_main else None
+    for v in val_volumes:  # now, not at the first validation
+        vg = zarr.open_group(str(v), mode="r")
+        for name in ("raw", "labels"):
+            require_complete(vg[name], "finetune")
+    settings = {k: v for k, v in cfg.to_dict().items() if k not in ("nproc", "log_every")}
+    lineage = Lineage.of("finetune", settings, {
+        "pretrained": pretrained, "train": [str(v) for v in train_volumes],
+        "validate": [str(v) for v in val_volumes]})
+    stage = StagedOutput(out, lineage) if di.is_main else None
     distributed.barrier()
     staging = Path(str(out) + ".partial")
     if di.is_main:
         (staging / "load_report.json").write_text(json.dumps(
-            {**report.as_dict(), "trainable_parameters": n_train, "part": cfg.part}, indent=1))
+            {**report.as_dict(), "loaded_share": share, "trainable_parameters": n_train,
+             "part": cfg.part}, indent=1))
     optim = torch.optim.AdamW(param_groups(net, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: lr_at(s, cfg) / cfg.lr)
     start, best_voi = 0, math.inf

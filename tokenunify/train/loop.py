@@ -1,9 +1,10 @@
 """Training machinery shared by pretraining and fine-tuning.
 
 :class:`OptimConfig` holds the settings both stages have (schedule, AdamW, clipping, logging,
-seed, precision, processes); ``lr_at`` is the warm-up + half-cosine schedule, ``param_groups``
-the AdamW grouping, ``autocast`` the mixed-precision context, and ``truncate_metrics`` /
-``plot_losses`` handle ``metrics.jsonl`` and ``loss.png``.
+seed, precision, processes, CPU threads); ``set_threads`` fixes torch's CPU thread count,
+``lr_at`` is the warm-up + half-cosine schedule, ``param_groups`` the AdamW grouping,
+``autocast`` the mixed-precision context, and ``truncate_metrics`` / ``plot_losses`` handle
+``metrics.jsonl`` and ``loss.png``.
 """
 
 from __future__ import annotations
@@ -34,9 +35,17 @@ class OptimConfig:
     seed: int = 0
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (bf16/fp16 on CUDA only)
     nproc: int = 1
+    threads: int = 2  # torch CPU threads per process: results depend on it, so it is fixed here
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self)))
+
+
+def set_threads(device: torch.device, threads: int) -> None:
+    """On the CPU, compute with ``threads`` torch threads (torch's default is the machine's core
+    count, 1 under torchrun): float sums, and so the weights, then depend on the config only."""
+    if device.type == "cpu":
+        torch.set_num_threads(threads)
 
 
 def lr_at(step: int, cfg: OptimConfig) -> float:

@@ -27,7 +27,7 @@ import torch.nn as nn
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from tokenunify.config import digest
+from tokenunify.io.identity import Lineage
 from tokenunify.io.zarrio import StagedOutput
 from tokenunify.model.emmamba import EMmamba, preset
 from tokenunify.objectives import OBJECTIVES, CurriculumConfig, ObjectiveConfig, TokenObjective
@@ -41,6 +41,7 @@ from tokenunify.train.loop import (
     lr_at,
     param_groups,
     plot_losses,
+    set_threads,
     truncate_metrics,
 )
 
@@ -144,13 +145,16 @@ def run(token_paths: list[str | Path], out: str | Path, experiment: str, pretrai
     if cfg.batch_size % di.world:
         raise ValueError(f"pretrain.batch_size {cfg.batch_size} is not divisible by the "
                          f"{di.world} processes")
+    set_threads(di.device, cfg.threads)
     torch.manual_seed(cfg.seed)
     sampler = CropSampler(token_paths, cfg.dataset_weights, cfg.seed)
     net = EMmamba(preset(cfg.model, out_channels=1))
     model = TokenObjective(net, sampler.crop, sampler.patch, cfg.objective, tasks).to(di.device)
-    run_digest = digest({"cfg": cfg.to_dict(), "tasks": tasks, "data": [str(p) for p in
-                                                                       token_paths]})
-    stage = StagedOutput(out, run_digest) if di.is_main else None
+    # what changes the weights (not the process count: N processes equal one)
+    settings = {k: v for k, v in cfg.to_dict().items() if k not in ("nproc", "log_every")}
+    lineage = Lineage.of("pretrain", {"cfg": settings, "tasks": tasks},
+                         {"tokens": [str(p) for p in token_paths]})
+    stage = StagedOutput(out, lineage) if di.is_main else None
     distributed.barrier()
     staging = Path(str(out) + ".partial")
     optim = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)

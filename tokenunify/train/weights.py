@@ -51,14 +51,20 @@ class LoadReport:
                 "missing": self.missing, "unexpected": self.unexpected}
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The model state dict of an official or tokenunify checkpoint, ``module.`` stripped."""
+def read_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(the whole checkpoint dict, its model state dict with ``module.`` stripped) of an
+    official or tokenunify checkpoint."""
     with torch.serialization.safe_globals([argparse.Namespace]):
         obj = ckpt.load(path)
     state = obj.get("model", obj)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ckpt.CheckpointError(f"{path}: no state dict of tensors under 'model'")
-    return {k.removeprefix("module."): v for k, v in state.items()}
+    return obj, {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The model state dict of an official or tokenunify checkpoint, ``module.`` stripped."""
+    return read_checkpoint(path)[1]
 
 
 def load_matching(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> LoadReport:

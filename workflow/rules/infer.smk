@@ -1,6 +1,8 @@
 # Stage 5: blockwise affinity prediction (Dask) of every test dataset, per experiment.
 # A volume of more than infer.batch_blocks blocks is split into one infer_batch job per batch;
 # the infer job then predicts what is left (nothing, normally) and renames the result into place.
+# The rule's threads only set how many blocks run at once (--worker-threads); each block computes
+# with infer.threads torch threads, so the affinities do not depend on snakemake --cores.
 
 rule infer_batch:
     input:
@@ -22,7 +24,7 @@ rule infer_batch:
     shell:
         "tokenunify infer {input.volume} --checkpoint {input.model}/checkpoint.pt"
         " --out {params.out} --batch {wildcards.batch} --spec {params.spec:q}"
-        " --threads {threads} > {log} 2>&1 && touch {output}"
+        " --worker-threads {threads} > {log} 2>&1 && touch {output}"
 
 
 rule infer:
@@ -46,4 +48,4 @@ rule infer:
         runtime=240,
     shell:
         "tokenunify infer {input.volume} --checkpoint {input.model}/checkpoint.pt --out {output}"
-        " --spec {params.spec:q} --threads {threads} > {log} 2>&1"
+        " --spec {params.spec:q} --worker-threads {threads} > {log} 2>&1"

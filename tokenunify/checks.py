@@ -1,0 +1,96 @@
+"""Limits of the stage settings, checked before the first job (called by ``check_config``).
+
+A stage that meets one of these limits fails only when it runs, after every upstream job (hours
+on real data), or silently pads: a crop larger than the volume it is cut from, an inference
+overlap not smaller than the window, an agglomerate block that is not a multiple of the tile.
+:func:`tokenunify.config.check_config` calls these functions at DAG time and raises their
+messages as a ``ConfigError``.
+
+Every function takes plain values (the validated config dict with the schema's defaults filled
+in, and dataset shapes) and returns messages naming the key and the sizes; none raises. This
+module imports no stage code and nothing from :mod:`tokenunify.config`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+MODEL_MULTIPLE = 16  # EMmamba downsamples four times by 2: model inputs are multiples of 16
+
+
+def _axes(axes) -> str:
+    return ", ".join("zyx"[ax] for ax in axes)
+
+
+def setting_problems(config: dict) -> list[str]:
+    """Limits among the settings alone (no data needed): model input sizes that EMmamba cannot
+    take, an inference overlap not smaller than the window, blockwise agglomerate blocks that
+    are not multiples of the fragment tile."""
+    out = []
+    window, overlap = config["infer"]["window"], config["infer"]["overlap"]
+    for key, size in (("finetune.crop", config["finetune"]["crop"]), ("infer.window", window)):
+        bad = [ax for ax, n in enumerate(size) if n % MODEL_MULTIPLE]
+        if bad:
+            out.append(f"{key} {list(size)}: EMmamba needs every axis a multiple of "
+                       f"{MODEL_MULTIPLE} (not on axis {_axes(bad)})")
+    bad = [ax for ax, (w, o) in enumerate(zip(window, overlap, strict=True)) if not 0 <= o < w]
+    if bad:
+        out.append(f"infer.overlap {list(overlap)} must be >= 0 and smaller than infer.window "
+                   f"{list(window)} on every axis (not on axis {_axes(bad)}): windows step by "
+                   "window - overlap")
+    agg = config["agglomerate"]
+    bad = [ax for ax in (1, 2) if agg["block"][ax] % agg["tile"]]
+    if agg["method"] == "blockwise" and bad:
+        out.append(f"agglomerate.block {list(agg['block'])}: y and x must be multiples of "
+                   f"agglomerate.tile ({agg['tile']}) with agglomerate.method blockwise (not "
+                   f"on axis {_axes(bad)}), so that fragments do not depend on the block grid")
+    return out
+
+
+def size_problems(config: dict, shapes: dict[str, tuple | None]) -> list[str]:
+    """Crops and windows larger than a volume they are taken from: ``tokenize.crop`` and every
+    dataset (all are tokenized), ``finetune.crop`` and the ``train`` datasets (crops are sampled
+    from them), ``infer.window`` and the ``test`` datasets (it would be zero-padded).
+
+    Args:
+        config: the validated config dict.
+        shapes: (z, y, x) of each dataset after its bbox; None (a remote source not fetched
+            yet) skips the dataset.
+    """
+    uses = (("tokenize.crop", config["tokenize"]["crop"], None, "every dataset is tokenized"),
+            ("finetune.crop", config["finetune"]["crop"], "train", "training crops are cut "
+             "from it"),
+            ("infer.window", config["infer"]["window"], "test", "windows would be padded with "
+             "zeros"))
+    out = []
+    for name, shape in shapes.items():
+        if shape is None:
+            continue
+        roles = config["datasets"][name]["roles"]
+        for key, size, role, why in uses:
+            if role is not None and role not in roles:
+                continue
+            bad = [ax for ax, (s, n) in enumerate(zip(size, shape, strict=True)) if s > n]
+            if bad:
+                out.append(f"{key} {list(size)} is larger than {role + ' ' if role else ''}"
+                           f"dataset '{name}' of shape {list(shape)} (z, y, x) on axis "
+                           f"{_axes(bad)} ({why}); make {key} smaller or the dataset "
+                           f"(datasets.{name}) larger")
+    return out
+
+
+def first_nonzero_block(vol, block) -> tuple | None:
+    """The first box (z, y, x raster order over ``block``-sized boxes) of ``vol`` holding a
+    non-zero voxel, or None when every voxel is 0. Reads one block at a time (memory bounded by
+    the block) and stops at the first non-zero one: one read for ordinary labels.
+
+    Args:
+        vol: anything with ``shape`` (z, y, x) and ``read(box)`` (a source Volume).
+        block: (z, y, x) voxels per read.
+    """
+    from tokenunify.io.zarrio import blocks
+
+    for _, box in blocks(tuple(vol.shape), tuple(block)):
+        if np.any(vol.read(box)):
+            return box
+    return None
