@@ -124,6 +124,11 @@ def test_workflow_produces_data_and_tokens_for_every_dataset(finished_run):
     page = (workdir / "results" / "report" / "index.html").read_text()
     for word in ("tokenunify", "none", "lab", "data:image/png;base64,"):
         assert word in page
+    # the validate dataset is segmented and scored too; it chooses the headline threshold
+    for exp in ("tokenunify", "none"):
+        val = pd.read_csv(workdir / "results" / exp / "h5" / "metrics.csv")
+        assert list(val["threshold"]) == [0.3, 0.5, 0.7]
+    assert "Thresholds chosen on the validate datasets (h5; minimum mean VOI)" in page
     assert (workdir / "results" / "benchmarks" / "agglomerate" / "none" / "lab.tsv").exists()
     # the blockwise stages ran as batch jobs; their done markers (temp) and staging are gone
     logs = workdir / "logs"

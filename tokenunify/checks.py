@@ -50,25 +50,27 @@ def setting_problems(config: dict) -> list[str]:
 def size_problems(config: dict, shapes: dict[str, tuple | None]) -> list[str]:
     """Crops and windows larger than a volume they are taken from: ``tokenize.crop`` and every
     dataset (all are tokenized), ``finetune.crop`` and the ``train`` datasets (crops are sampled
-    from them), ``infer.window`` and the ``test`` datasets (it would be zero-padded).
+    from them), ``infer.window`` and the ``test`` and ``validate`` datasets (they are segmented
+    by the pipeline; the window would be zero-padded).
 
     Args:
         config: the validated config dict.
         shapes: (z, y, x) of each dataset after its bbox; None (a remote source not fetched
             yet) skips the dataset.
     """
-    uses = (("tokenize.crop", config["tokenize"]["crop"], None, "every dataset is tokenized"),
-            ("finetune.crop", config["finetune"]["crop"], "train", "training crops are cut "
+    uses = (("tokenize.crop", config["tokenize"]["crop"], (), "every dataset is tokenized"),
+            ("finetune.crop", config["finetune"]["crop"], ("train",), "training crops are cut "
              "from it"),
-            ("infer.window", config["infer"]["window"], "test", "windows would be padded with "
-             "zeros"))
+            ("infer.window", config["infer"]["window"], ("test", "validate"), "windows would be "
+             "padded with zeros"))
     out = []
     for name, shape in shapes.items():
         if shape is None:
             continue
         roles = config["datasets"][name]["roles"]
-        for key, size, role, why in uses:
-            if role is not None and role not in roles:
+        for key, size, need, why in uses:
+            role = next((r for r in need if r in roles), None)
+            if need and role is None:
                 continue
             bad = [ax for ax, (s, n) in enumerate(zip(size, shape, strict=True)) if s > n]
             if bad:

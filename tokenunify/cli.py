@@ -201,7 +201,8 @@ def cmd_report(args) -> None:
     spec = json.loads(args.spec) if args.spec else {}
     build_report(Path(args.results), Path(args.out), spec.get("experiments", []),
                  spec.get("test_datasets", []), spec.get("config", {}),
-                 fixed_threshold=float(spec.get("report", {}).get("fixed_threshold", 0.5)))
+                 fixed_threshold=float(spec.get("report", {}).get("fixed_threshold", 0.5)),
+                 validate_datasets=spec.get("validate_datasets", []))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -305,7 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("report", help="the HTML report comparing the experiments")
     sp.add_argument("--results", default="results", help="the results folder")
     sp.add_argument("--out", required=True, help="output index.html")
-    sp.add_argument("--spec", help="JSON: experiments, test_datasets, config, report")
+    sp.add_argument("--spec", help="JSON: experiments, test_datasets, validate_datasets, "
+                    "config, report")
     sp.set_defaults(func=cmd_report)
     return p
 

@@ -219,3 +219,40 @@ def test_segmentation_names_from_attrs(results, tmp_path):
     sg["seg_045"][...] = make_segmentation(gt, "tokenunify", 0.5)
     _, html = run(results, tmp_path)
     assert "tokenunify: no array threshold_0.500; showing seg_045 (threshold 0.45)." in html
+
+
+def test_threshold_chosen_on_validation_is_the_headline(results, tmp_path):
+    """Selection discipline: each experiment's threshold comes from the validate datasets'
+    metrics (minimum mean VOI); the test rows at that threshold head the table, whatever the
+    test data's own best threshold is."""
+    from tokenunify.report.tables import validated_thresholds
+
+    test = pd.read_csv(results / "tokenunify" / DS / "metrics.csv")
+    assert test.loc[test["voi"].idxmin(), "threshold"] == 0.5  # the oracle picks 0.5
+    vals = {"val_a": {0.3: 1.0, 0.5: 2.0, 0.7: 0.9}, "val_b": {0.3: 1.0, 0.5: 0.1, 0.7: 1.2}}
+    for name, voi in vals.items():  # mean VOI: 0.3 -> 1.0, 0.5 -> 1.05, 0.7 -> 1.05
+        for exp in EXPERIMENTS:
+            d = results / exp / name
+            d.mkdir(parents=True)
+            pd.DataFrame([{"experiment": exp, "dataset": name, "threshold": t, "voi_split": v,
+                           "voi_merge": 0.0, "voi": v, "arand": 0.1, "n_segments": 3,
+                           "gt_min_size": 0, "gt_border_width": 0} for t, v in voi.items()]
+                         ).to_csv(d / "metrics.csv", index=False)
+    val = read_metrics(results, EXPERIMENTS, list(vals))
+    chosen = validated_thresholds(val)
+    assert chosen == {"tokenunify": 0.3, "none": 0.3}
+    table = score_table(read_metrics(results, EXPERIMENTS, [DS]), DS, EXPERIMENTS, 0.5, chosen)
+    assert list(dict.fromkeys(table.columns.get_level_values(0))) == ["validated", "fixed", "best"]
+    for exp in EXPERIMENTS:
+        csv = pd.read_csv(results / exp / DS / "metrics.csv").set_index("threshold")
+        assert table.loc[exp, ("validated", "threshold")] == 0.3
+        assert table.loc[exp, ("validated", "VOI")] == csv.loc[0.3, "voi"]
+        assert table.loc[exp, ("validated", "ARAND")] == csv.loc[0.3, "arand"]
+    _, html = run(results, tmp_path, validate_datasets=list(vals))
+    assert "Thresholds chosen on the validate datasets (val_a, val_b" in html
+    assert "tokenunify 0.3, none 0.3" in html
+    assert (html.index("at the threshold chosen on the validate datasets")
+            < html.index("at the best threshold on this test set (oracle"))
+    # without validate datasets the report says that nothing was chosen on held-out data
+    _, html = run(results, tmp_path)
+    assert "No validate dataset was scored" in html

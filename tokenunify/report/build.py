@@ -4,7 +4,8 @@ Sections (see :func:`build_report`):
 
 1. datasets, experiments and the run's config (YAML);
 2. per test dataset, a score table laid out like the TokenUnify paper's Table 1 (VOI_M, VOI_S,
-   VOI in bits, ARAND; lower is better) at each experiment's best threshold and at a fixed one,
+   VOI in bits, ARAND; lower is better) at the threshold chosen on the validate datasets (the
+   headline), at a fixed one, and at the best one on the test set (an oracle, for reference),
    and the VOI split/merge curve over agglomeration thresholds;
 3. pretraining and fine-tuning loss curves;
 4. middle z-section views (raw, affinities, segmentation, ground truth, largest split / merge);
@@ -51,14 +52,31 @@ def _intro(results: Path, config: dict, experiments: list[str], test_datasets: l
     return page.section("setup", "Datasets, experiments and configuration", body)
 
 
+def _selection(validated: dict[str, float], experiments: list[str],
+               validate_datasets: list[str]) -> str:
+    """One sentence on how the headline threshold was chosen."""
+    if not validated:
+        return page.para("No validate dataset was scored, so no threshold was chosen on held-out "
+                         "data: the table shows the fixed threshold and, for reference only, the "
+                         "best threshold on the test data itself (which overstates the score).")
+    chosen = ", ".join(f"{e} {validated[e]:g}" for e in experiments if e in validated)
+    return page.para(f"Thresholds chosen on the validate datasets ({', '.join(validate_datasets)}"
+                     f"; minimum mean VOI), one per experiment: {chosen}. The test data was "
+                     "scored at every threshold of the sweep but selected on at none: the first "
+                     "column block is the headline; the last block (best on test) is an oracle "
+                     "shown for reference only.")
+
+
 def _scores(metrics: pd.DataFrame, experiments: list[str], test_datasets: list[str],
-            colors: dict[str, str], fixed_threshold: float) -> str:
-    body = page.para("VOI_M = VOI merge (under-segmentation), VOI_S = VOI split "
+            colors: dict[str, str], fixed_threshold: float, validated: dict[str, float],
+            validate_datasets: list[str]) -> str:
+    body = _selection(validated, experiments, validate_datasets)
+    body += page.para("VOI_M = VOI merge (under-segmentation), VOI_S = VOI split "
                      "(over-segmentation), VOI = VOI_M + VOI_S, all in bits; ARAND = 1 − Rand "
                      "F-score. Lower is better for all; the best value of each column is bold. "
                      "'segments' counts the segments that overlap labelled ground truth.")
     for ds in test_datasets:
-        table = tables.score_table(metrics, ds, experiments, fixed_threshold)
+        table = tables.score_table(metrics, ds, experiments, fixed_threshold, validated)
         body_ds = page.score_table_html(table, fixed_threshold)
         settings = tables.eval_settings(metrics, ds)
         body_ds += page.para("Ground-truth preparation (from metrics.csv): " + "; ".join(
@@ -90,13 +108,14 @@ def _training(results: Path, experiments: list[str], colors: dict[str, str]) -> 
 
 
 def _views(results: Path, metrics: pd.DataFrame, experiments: list[str],
-           test_datasets: list[str]) -> str:
-    body = page.para("Middle z-section of each test volume at each experiment's best threshold. "
+           test_datasets: list[str], validated: dict[str, float]) -> str:
+    which = "threshold chosen on validation" if validated else "best threshold"
+    body = page.para(f"Middle z-section of each test volume at each experiment's {which}. "
                      "Segment and GT colours are random per id (0 black). The largest split and "
                      "merge are computed over the whole volume against the labels as stored (label "
                      "0 ignored, without the gt_min_size / gt_border_width preparation of the "
                      "scores); the two bottom-right panels paint them over the raw section.")
-    best = tables.best_rows(metrics)
+    best = tables.selected_rows(metrics, validated) if validated else tables.best_rows(metrics)
     for ds in test_datasets:
         part = ""
         for exp in experiments:
@@ -127,7 +146,8 @@ def _runtimes(results: Path) -> str:
 
 
 def build_report(results: Path, out: Path, experiments: list[str], test_datasets: list[str],
-                 config: dict, fixed_threshold: float = 0.5) -> Path:
+                 config: dict, fixed_threshold: float = 0.5,
+                 validate_datasets: list[str] | None = None) -> Path:
     """Write one self-contained HTML page (images embedded as base64 PNG) to ``out``.
 
     The page is written to a temporary name in the same folder, then moved into place with
@@ -139,8 +159,10 @@ def build_report(results: Path, out: Path, experiments: list[str], test_datasets
         experiments: experiment names, in table/legend order.
         test_datasets: test dataset names.
         config: the validated Snakemake config (``datasets``, ``experiments``, ...).
-        fixed_threshold: agglomeration threshold of the second score block (the nearest
+        fixed_threshold: agglomeration threshold of the fixed score block (the nearest
             available threshold of each experiment is used).
+        validate_datasets: datasets whose ``metrics.csv`` choose each experiment's threshold
+            (minimum mean VOI); the test scores at that threshold are the headline block.
 
     Returns:
         ``out``.
@@ -152,15 +174,20 @@ def build_report(results: Path, out: Path, experiments: list[str], test_datasets
     results, out = Path(results), Path(out)
     experiments, test_datasets = list(experiments), list(test_datasets)
     metrics = tables.read_metrics(results, experiments, test_datasets)
+    validate_datasets = list(validate_datasets or [])
+    validated = (tables.validated_thresholds(tables.read_metrics(results, experiments,
+                                                                 validate_datasets))
+                 if validate_datasets else {})
     colors = {e: f"C{i % 10}" for i, e in enumerate(experiments)}
     log.info("report: %d experiments x %d test datasets", len(experiments), len(test_datasets))
     toc = [("setup", "Datasets, experiments and configuration"), ("scores", "Segmentation scores"),
            ("training", "Training curves"), ("views", "Section views"),
            ("runtimes", "Run times")]
     body = (_intro(results, config, experiments, test_datasets)
-            + _scores(metrics, experiments, test_datasets, colors, fixed_threshold)
+            + _scores(metrics, experiments, test_datasets, colors, fixed_threshold, validated,
+                      validate_datasets)
             + _training(results, experiments, colors)
-            + _views(results, metrics, experiments, test_datasets)
+            + _views(results, metrics, experiments, test_datasets, validated)
             + _runtimes(results))
     generated = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     html = page.page(TITLE, generated, toc, body)

@@ -145,11 +145,13 @@ def evaluate_spec(wildcards):
 
 
 def report_spec(wildcards):
-    """What the report needs to know: experiments, test datasets, the config itself."""
+    """What the report needs to know: experiments, test and validate datasets (thresholds are
+    chosen on the validate datasets' metrics), the config itself."""
     return json.dumps(
         {
             "experiments": EXPERIMENTS,
             "test_datasets": TEST_DATASETS,
+            "validate_datasets": VALIDATE_DATASETS,
             "report": config["report"],
             "config": config,
         },

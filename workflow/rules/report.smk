@@ -6,7 +6,7 @@ rule report:
         metrics=expand(
             "results/{experiment}/{dataset}/metrics.csv",
             experiment=EXPERIMENTS,
-            dataset=TEST_DATASETS,
+            dataset=sorted(set(TEST_DATASETS) | set(VALIDATE_DATASETS)),
         ),
         segmentations=expand(
             "results/{experiment}/{dataset}/segmentation.zarr",
