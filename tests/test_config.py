@@ -289,3 +289,34 @@ def test_shipped_configs_pass_the_deep_check(name, env, monkeypatch):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     check_config(yaml.safe_load((REPO / name).read_text()))
+
+
+def test_test_dataset_overlapping_train_or_validate_is_a_leak():
+    """A test dataset that shares voxels with a train or validate dataset of the same source is
+    an error naming both datasets and the overlapping box; disjoint z ranges pass."""
+    src = "synthetic://em?shape=64,64,64&seed=4"
+
+    def ds(start, stop, roles, source=src):
+        return {"raw": {"source": source, "key": "raw"},
+                "labels": {"source": source, "key": "labels"},
+                "bbox": {"start": start, "stop": stop}, "roles": roles}
+
+    cfg = {"datasets": {"tr": ds([0, 0, 0], [32, 64, 64], ["train"]),
+                        "va": ds([32, 0, 0], [48, 64, 64], ["validate"]),
+                        "te": ds([48, 0, 0], [64, 64, 64], ["test"])},
+           "experiments": {"none": {"pretraining": "none"}},
+           "tokenize": {"crop": [16, 32, 32]}, "finetune": {"crop": [16, 32, 32]},
+           "infer": {"window": [16, 32, 32], "overlap": [8, 16, 16]}}
+    check_config(cfg)
+    cfg["datasets"]["te"]["bbox"]["start"] = [40, 0, 0]
+    with pytest.raises(ConfigError, match=r"datasets.te \(test\) overlaps datasets.va "
+                                          r"\(validate\) in .* at z 40:48, y 0:64, x 0:64"):
+        check_config(cfg)
+    cfg["datasets"]["te"]["bbox"]["start"] = [48, 0, 0]
+    cfg["datasets"]["tr"].pop("bbox")  # the whole source: includes the test range
+    with pytest.raises(ConfigError, match=r"datasets.te \(test\) overlaps datasets.tr \(train\) "
+                                          r"in .* at z 48:64"):
+        check_config(cfg)
+    other = "synthetic://em?shape=64,64,64&seed=5"  # another source: no leak
+    cfg["datasets"]["tr"] = ds([0, 0, 0], [64, 64, 64], ["train"], other)
+    check_config(cfg)

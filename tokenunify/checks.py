@@ -96,3 +96,41 @@ def first_nonzero_block(vol, block) -> tuple | None:
         if np.any(vol.read(box)):
             return box
     return None
+
+
+def leak_problems(config: dict, boxes: dict[str, tuple[tuple, tuple | None]]) -> list[str]:
+    """``test`` datasets that share voxels with a ``train`` or ``validate`` dataset read from the
+    same raw source (same ``source``, ``key`` and ``mip``): a leak, since the test score would
+    then measure data the model was trained or selected on.
+
+    Args:
+        config: the validated config dict.
+        boxes: per dataset, (start, stop) in voxels (z, y, x) of the source it reads (its bbox,
+            or the whole source); stop None when the source's shape is not known yet (a remote
+            file not fetched): then the box reaches to the end of the source.
+    """
+    def source(name):
+        raw = config["datasets"][name]["raw"]
+        return (raw["source"], raw.get("key"), raw.get("mip", 0))
+
+    def roles(name):
+        return config["datasets"][name]["roles"]
+
+    out = []
+    for test in sorted(n for n in boxes if "test" in roles(n)):
+        for other in sorted(boxes):
+            used = [r for r in ("train", "validate") if r in roles(other)]
+            if other == test or not used or source(other) != source(test):
+                continue
+            (a0, a1), (b0, b1) = boxes[test], boxes[other]
+            lo = [max(x, y) for x, y in zip(a0, b0, strict=True)]
+            hi = [min(x if x is not None else np.inf, y if y is not None else np.inf)
+                  for x, y in zip(a1 or (None,) * 3, b1 or (None,) * 3, strict=True)]
+            if all(h > lo_ for lo_, h in zip(lo, hi, strict=True)):
+                span = ", ".join(f"{'zyx'[i]} {lo[i]}:{'end' if hi[i] == np.inf else int(hi[i])}"
+                                 for i in range(3))
+                out.append(f"datasets.{test} (test) overlaps datasets.{other} "
+                           f"({'/'.join(used)}) in {source(test)[0]} at {span} (voxels): the "
+                           f"test score would include data used for training or selection; give "
+                           f"them disjoint bbox ranges")
+    return out

@@ -414,11 +414,25 @@ def _check_test_labels(cfg: PipelineConfig, volumes: dict) -> None:
                 "labels' source or key, or drop the 'test' role")
 
 
+def _source_boxes(cfg: PipelineConfig, volumes: dict) -> dict:
+    """Per dataset, (start, stop) voxels of its raw source that it reads: its bbox, else the
+    whole source (stop None when the source is not fetched yet)."""
+    boxes = {}
+    for name, (raw, _) in volumes.items():
+        spec = cfg.datasets[name]
+        if spec.bbox is not None:
+            boxes[name] = (tuple(spec.bbox[0]), tuple(spec.bbox[1]))
+        else:
+            boxes[name] = ((0, 0, 0), None if raw is None else tuple(raw.shape))
+    return boxes
+
+
 def check_config(config: dict) -> PipelineConfig:
     """Validate against the schema, then check what a schema cannot, before any job runs:
     experiment names and the roles they need, the limits of the stage settings
     (:mod:`tokenunify.checks`), every dataset's sources (:func:`open_dataset`, without
-    downloading), crops and windows against the volumes, and that test labels are not all 0.
+    downloading), crops and windows against the volumes, test datasets that overlap a train or
+    validate dataset of the same source (a leak), and that test labels are not all 0.
     Returns the typed config."""
     cfg = PipelineConfig.from_dict(config)
     _check_experiments(cfg)
@@ -427,6 +441,7 @@ def check_config(config: dict) -> PipelineConfig:
     shapes = {name: None if raw is None else tuple(raw.shape)
               for name, (raw, _) in volumes.items()}
     _raise_problems(checks.size_problems(cfg.raw, shapes))
+    _raise_problems(checks.leak_problems(cfg.raw, _source_boxes(cfg, volumes)))
     _check_test_labels(cfg, volumes)
     return cfg
 
