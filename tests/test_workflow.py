@@ -226,3 +226,61 @@ def test_job_count_of_a_volume_of_100_000_blocks_is_bounded(tmp_path):
         assert counts[rule] == 2 * n, (rule, counts)
     # download, tokenize, report, all + per experiment: pretrain, finetune and the above
     assert counts["total"] == 4 + 2 * (2 + sum(per_exp.values())) == 816
+
+
+def test_seeded_ablation_through_the_workflow(tmp_path):
+    """The ablation's shape on tiny data: 2 experiments x 2 seeds. The runs carry the seed in
+    their paths and train with it; the report's mean ± sd and paired comparison equal the
+    numbers recomputed from the per-seed metrics.csv files."""
+    from scipy import stats
+
+    syn = "synthetic://em?shape=16,64,64&seed={seed}"
+    cfg = {
+        "datasets": {
+            "tr": {"raw": {"source": syn.format(seed=1), "key": "raw"},
+                   "labels": {"source": syn.format(seed=1), "key": "labels"},
+                   "roles": ["pretrain", "train"]},
+            "te": {"raw": {"source": syn.format(seed=2), "key": "raw"},
+                   "labels": {"source": syn.format(seed=2), "key": "labels"}, "roles": ["test"]},
+        },
+        "experiments": {"tokenunify": {"pretraining": "tokenunify"},
+                        "none": {"pretraining": "none"}},
+        "seeds": [0, 1],
+        "report": {"baselines": ["none"], "fixed_threshold": 0.5},
+        "download": {"block": [16, 64, 64]},
+        "tokenize": {"crop": [16, 32, 32], "patch": [4, 16, 16]},
+        "pretrain": {"steps": 2, "batch_size": 2, "warmup_steps": 1, "checkpoint_every": 2},
+        "finetune": {"crop": [16, 32, 32], "steps": 2, "batch_size": 2, "warmup_steps": 1,
+                     "validate_every": 2},
+        "infer": {"block": [16, 64, 64], "window": [16, 32, 32], "overlap": [8, 16, 16]},
+        "agglomerate": {"block": [16, 64, 64], "tile": 32, "context": 8,
+                        "thresholds": [0.3, 0.5, 0.7]},
+    }
+    write_config(tmp_path, cfg)
+    proc = snakemake(tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = tmp_path / "results"
+    voi = {}
+    for exp in ("tokenunify", "none"):
+        for seed in (0, 1):
+            run = f"{exp}-seed{seed}"
+            ckpt = torch_load(results / "models" / run / "finetune" / "checkpoint.pt")
+            assert ckpt["config"]["finetune"]["seed"] == seed
+            rows = pd.read_csv(results / run / "te" / "metrics.csv").set_index("threshold")
+            voi[exp, seed] = rows.loc[0.5, "voi"]  # no validate dataset: the fixed threshold
+    page = (results / "report" / "index.html").read_text()
+    assert "Experiments over seeds" in page
+    for exp in ("tokenunify", "none"):
+        v = [voi[exp, 0], voi[exp, 1]]
+        assert f"{np.mean(v):.3f} ± {np.std(v, ddof=1):.3f}" in page
+    d = np.array([voi["tokenunify", s] - voi["none", s] for s in (0, 1)])
+    if d.std() > 0:
+        lo, hi = stats.t.interval(0.95, 1, loc=d.mean(), scale=stats.sem(d))
+        assert f"interval of the VOI difference {lo:+.3f} to {hi:+.3f} bits" in page
+    assert "tokenunify" in page and "against none" in page
+
+
+def torch_load(path):
+    from tokenunify.train import checkpoint
+
+    return checkpoint.load(path)

@@ -202,7 +202,8 @@ def cmd_report(args) -> None:
     build_report(Path(args.results), Path(args.out), spec.get("experiments", []),
                  spec.get("test_datasets", []), spec.get("config", {}),
                  fixed_threshold=float(spec.get("report", {}).get("fixed_threshold", 0.5)),
-                 validate_datasets=spec.get("validate_datasets", []))
+                 validate_datasets=spec.get("validate_datasets", []), runs=spec.get("runs"),
+                 baselines=spec.get("report", {}).get("baselines", []))
 
 
 def build_parser() -> argparse.ArgumentParser:

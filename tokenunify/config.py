@@ -108,6 +108,8 @@ def _explain(err: jsonschema.ValidationError, root: dict) -> str:
         return f"{where}: {err.instance!r} is not one of {err.validator_value}{hint}"
     if err.validator in ("oneOf", "anyOf") and err.context:
         return _explain(_branch_error(err), root)
+    if err.validator == "uniqueItems":
+        return f"{where}: {err.instance!r} repeats a value; give distinct values"
     if err.validator == "exclusiveMinimum" and err.validator_value == 0:
         return f"{where}: must be positive, got {err.instance!r}"
     return f"{where}: {err.message}"
@@ -372,6 +374,7 @@ def _check_experiments(cfg: PipelineConfig) -> None:
         if any(c % 16 for c in cfg.tokenize.crop):
             raise ConfigError(f"tokenize.crop {list(cfg.tokenize.crop)}: EMmamba needs every "
                               "axis divisible by 16")
+    _check_runs(cfg)
     # with test datasets every experiment is fine-tuned: the test datasets are segmented with
     # its fine-tuned model and the report lists it (workflow/rules/common.smk final_outputs)
     tests = sorted(n for n, d in cfg.datasets.items() if "test" in d.roles)
@@ -379,6 +382,35 @@ def _check_experiments(cfg: PipelineConfig) -> None:
         raise ConfigError(f"experiments {sorted(cfg.experiments)} are fine-tuned to segment the "
                           f"test datasets {tests}, and fine-tuning needs a dataset with role "
                           "'train', but none has it (datasets.NAME.roles)")
+
+
+def _check_runs(cfg: PipelineConfig) -> None:
+    """Run names (experiment x seed) are valid and distinct; ``report.baselines`` are declared
+    experiments, and asking for paired intervals over seeds needs at least 2 seeds."""
+    from tokenunify.runs import runs
+
+    names = [r.name for r in runs(cfg.raw)]
+    bad = [n for n in names if not NAME_RE.match(n)]
+    if bad:
+        raise ConfigError(f"seeds: run names {bad} (experiment-seedN) are not valid names "
+                          "(letters, digits, '_', '-', '.', at most 64 characters): shorten the "
+                          "experiment names")
+    seeds = cfg.raw.get("seeds")
+    clash = sorted(set(names) & set(cfg.experiments)) if seeds else []
+    if clash:
+        raise ConfigError(f"experiments {clash} have the name of a run of another experiment "
+                          f"with seeds {seeds}: rename them")
+    baselines = cfg.raw["report"]["baselines"]
+    unknown = sorted(set(baselines) - set(cfg.experiments))
+    if unknown:
+        raise ConfigError(f"report.baselines: {unknown} are not declared experiments; "
+                          f"declared: {sorted(cfg.experiments)}")
+    n = len(seeds) if seeds else 1
+    if baselines and n < 2:
+        raise ConfigError(f"report.baselines {baselines} asks for paired intervals over seeds, "
+                          f"but there {'is 1 seed' if seeds else 'are no seeds'} (seeds: "
+                          f"{seeds}); give at least 2 seeds, e.g. seeds: [0, 1, 2], or drop "
+                          "report.baselines")
 
 
 def _raise_problems(problems: list[str]) -> None:

@@ -27,7 +27,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from tokenunify.report import figures, page, tables
+from tokenunify.report import figures, page, seeds, tables
 from tokenunify.report.sections import error_caption, load_section
 
 log = logging.getLogger(__name__)
@@ -92,6 +92,42 @@ def _scores(metrics: pd.DataFrame, experiments: list[str], test_datasets: list[s
     return page.section("scores", "Segmentation scores", body)
 
 
+def _seeds(metrics: pd.DataFrame, runs: dict, test_datasets: list[str], validated: dict,
+           fixed_threshold: float, baselines: list[str]) -> str:
+    """Experiments over seeds: mean ± sd per experiment, every seed's scores, paired
+    comparisons with the baselines and one sentence per comparison."""
+    experiments = list(dict.fromkeys(exp for exp, _ in runs.values()))
+    scores = seeds.run_scores(metrics, runs, validated, fixed_threshold)
+    how = ("the threshold chosen on the validate datasets for each run" if validated
+           else f"the fixed threshold {fixed_threshold:g}")
+    body = page.para(f"Each run is scored at {how}. Mean ± sample standard deviation over seeds; "
+                     "VOI in bits, lower is better. Comparisons pair the runs by seed: mean "
+                     "difference in VOI with a 95 % Student-t interval, and the relative change "
+                     "in percent (mean ± 95 % half-width).")
+    for ds in test_datasets:
+        table = seeds.seed_table(scores, ds, experiments)
+        shown = pd.DataFrame({"experiment": table.index, "seeds": table["seeds"]})
+        for name in seeds.METRICS.values():
+            shown[name] = [f"{m:.3f} ± {sd:.3f}" if pd.notna(sd) else f"{m:.3f}"
+                           for m, sd in zip(table[f"{name} mean"], table[f"{name} sd"],
+                                            strict=True)]
+        part = page.simple_table(shown.reset_index(drop=True), {"seeds": 0})
+        per_seed = scores[scores["dataset"] == ds].drop(columns=["dataset"])
+        part += ("<details><summary>Every seed</summary>\n"
+                 + page.simple_table(per_seed, {"seed": 0, "threshold": 3, **{
+                     c: 3 for c in seeds.METRICS}}) + "</details>\n")
+        comp = seeds.paired(scores, ds, experiments, baselines) if baselines else None
+        if comp is not None and len(comp):
+            part += "<ul>" + "".join(f"<li>{escape(seeds.sentence(r, ds))}</li>"
+                                     for _, r in comp.iterrows()) + "</ul>\n"
+            part += page.simple_table(comp.drop(columns=["significant"]), {
+                "seeds": 0, "d_mean": 3, "d_low": 3, "d_high": 3, "rel_mean": 1, "rel_half": 1})
+        elif baselines:
+            part += page.note("No experiment shares 2 or more seeds with a baseline.")
+        body += page.section(_anchor("seeds", ds), f"Test dataset {ds}", part, level=3)
+    return page.section("seeds", "Experiments over seeds", body)
+
+
 def _training(results: Path, experiments: list[str], colors: dict[str, str]) -> str:
     body = ""
     for stage, what in (("pretrain", "Self-supervised pretraining"), ("finetune", "Fine-tuning")):
@@ -147,7 +183,8 @@ def _runtimes(results: Path) -> str:
 
 def build_report(results: Path, out: Path, experiments: list[str], test_datasets: list[str],
                  config: dict, fixed_threshold: float = 0.5,
-                 validate_datasets: list[str] | None = None) -> Path:
+                 validate_datasets: list[str] | None = None, runs: dict | None = None,
+                 baselines: list[str] | None = None) -> Path:
     """Write one self-contained HTML page (images embedded as base64 PNG) to ``out``.
 
     The page is written to a temporary name in the same folder, then moved into place with
@@ -163,6 +200,9 @@ def build_report(results: Path, out: Path, experiments: list[str], test_datasets
             available threshold of each experiment is used).
         validate_datasets: datasets whose ``metrics.csv`` choose each experiment's threshold
             (minimum mean VOI); the test scores at that threshold are the headline block.
+        runs: run name (the names in ``experiments``) -> (experiment, seed); with seeds, a
+            section aggregates each experiment over its seeds.
+        baselines: experiments the others are compared with, paired over seeds.
 
     Returns:
         ``out``.
@@ -180,12 +220,17 @@ def build_report(results: Path, out: Path, experiments: list[str], test_datasets
                  if validate_datasets else {})
     colors = {e: f"C{i % 10}" for i, e in enumerate(experiments)}
     log.info("report: %d experiments x %d test datasets", len(experiments), len(test_datasets))
+    runs = {k: tuple(v) for k, v in (runs or {}).items()}
+    seeded = any(seed is not None for _, seed in runs.values())
     toc = [("setup", "Datasets, experiments and configuration"), ("scores", "Segmentation scores"),
+           *([("seeds", "Experiments over seeds")] if seeded else []),
            ("training", "Training curves"), ("views", "Section views"),
            ("runtimes", "Run times")]
     body = (_intro(results, config, experiments, test_datasets)
             + _scores(metrics, experiments, test_datasets, colors, fixed_threshold, validated,
                       validate_datasets)
+            + (_seeds(metrics, runs, test_datasets, validated, fixed_threshold,
+                      list(baselines or [])) if seeded else "")
             + _training(results, experiments, colors)
             + _views(results, metrics, experiments, test_datasets, validated)
             + _runtimes(results))

@@ -7,6 +7,7 @@ from snakemake.exceptions import WorkflowError
 
 from tokenunify.cluster import block_count, n_batches, planned_shape
 from tokenunify.config import ConfigError, check_config, validate_config
+from tokenunify.runs import run_of, runs, stage_settings
 
 try:
     # Fill schema defaults into `config` (so params carry them), then open every source.
@@ -16,7 +17,8 @@ except ConfigError as exc:
     raise WorkflowError(f"config error: {exc}") from None
 
 DATASETS = sorted(config["datasets"])
-EXPERIMENTS = sorted(config["experiments"])
+# the {experiment} wildcard names a run: an experiment, or an experiment and a seed (seeds:)
+EXPERIMENTS = [r.name for r in runs(config)]
 PRETRAIN_DATASETS = [d for d in DATASETS if "pretrain" in config["datasets"][d]["roles"]]
 TRAIN_DATASETS = [d for d in DATASETS if "train" in config["datasets"][d]["roles"]]
 VALIDATE_DATASETS = [d for d in DATASETS if "validate" in config["datasets"][d]["roles"]]
@@ -55,8 +57,8 @@ def pretrain_spec(wildcards):
     """JSON settings of one experiment's pretraining."""
     return json.dumps(
         {
-            "experiment": config["experiments"][wildcards.experiment],
-            "pretrain": config["pretrain"],
+            "experiment": config["experiments"][run_of(config, wildcards.experiment).experiment],
+            "pretrain": stage_settings(config, wildcards.experiment, "pretrain"),
         },
         sort_keys=True,
     )
@@ -76,8 +78,8 @@ def finetune_spec(wildcards):
     """JSON settings of one experiment's fine-tuning."""
     return json.dumps(
         {
-            "experiment": config["experiments"][wildcards.experiment],
-            "finetune": config["finetune"],
+            "experiment": config["experiments"][run_of(config, wildcards.experiment).experiment],
+            "finetune": stage_settings(config, wildcards.experiment, "finetune"),
         },
         sort_keys=True,
     )
@@ -150,6 +152,7 @@ def report_spec(wildcards):
     return json.dumps(
         {
             "experiments": EXPERIMENTS,
+            "runs": {r.name: [r.experiment, r.seed] for r in runs(config)},
             "test_datasets": TEST_DATASETS,
             "validate_datasets": VALIDATE_DATASETS,
             "report": config["report"],
