@@ -19,6 +19,7 @@ script itself is tested where no GPU is.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import sys
@@ -81,6 +82,22 @@ def autocast(device):
     return torch.autocast("cpu", enabled=False)
 
 
+def train_step(net, opt, x, target, weight, finetune: bool, device) -> None:
+    """One optimiser step: MSE (pretraining) or weighted MSE of sigmoid (fine-tuning)."""
+    with autocast(device):
+        pred = net(x).float()
+    if finetune:
+        loss = (weight * (torch.sigmoid(pred) - target) ** 2).mean()
+    else:
+        loss = F.mse_loss(pred, target)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+    opt.step()
+    if not torch.isfinite(loss):
+        raise RuntimeError(f"loss is {loss.item()}")
+
+
 def check_train(device, model: str, crop, batch: int) -> list[dict]:
     out = []
     for stage, channels in (("pretrain", 1), ("finetune", 3)):
@@ -90,24 +107,10 @@ def check_train(device, model: str, crop, batch: int) -> list[dict]:
         x = torch.randn(batch, 1, *crop, device=device)
         target = torch.rand(batch, channels, *crop, device=device)
         weight = torch.rand_like(target)
-
-        def step():
-            with autocast(device):
-                pred = net(x).float()
-            if stage == "finetune":
-                loss = (weight * (torch.sigmoid(pred) - target) ** 2).mean()
-            else:
-                loss = F.mse_loss(pred, target)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-            opt.step()
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"{stage}: loss is {loss.item()}")
-
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        s = timed(step, device, 5)
+        s = timed(functools.partial(train_step, net, opt, x, target, weight,
+                                    stage == "finetune", device), device, 5)
         vox = batch * crop[0] * crop[1] * crop[2]
         out.append({"check": "train", "stage": stage, "model": model, "crop": list(crop),
                     "batch": batch, "ms_per_step": 1e3 * s, "voxels_per_s": vox / s,
