@@ -256,3 +256,16 @@ def test_threshold_chosen_on_validation_is_the_headline(results, tmp_path):
     # without validate datasets the report says that nothing was chosen on held-out data
     _, html = run(results, tmp_path)
     assert "No validate dataset was scored" in html
+
+
+def test_curriculum_weights_and_task_losses_are_drawn(results, tmp_path):
+    """The pretraining log's per-task losses and curriculum weights (w_<task>) get a figure."""
+    lines = [{"step": s, "loss": 1.0 / (s + 1), "loss_random": 1.0 / (s + 1),
+              "loss_next": 0.5 / (s + 1), "loss_next_all": 0.7 / (s + 1),
+              "w_random": 0.73 if s < 6 else 0.09, "w_next": 0.18 if s < 6 else 0.18,
+              "w_next_all": 0.09 if s < 6 else 0.73} for s in range(20)]
+    log = results / "models" / "tokenunify" / "pretrain" / "metrics.jsonl"
+    log.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    _, html = run(results, tmp_path)
+    assert "tokenunify: pretraining loss of each task (left, log scale) and the curriculum" in html
+    assert "none: pretraining loss of each task" not in html  # no tasks, no figure

@@ -39,12 +39,13 @@ def _anchor(*parts: str) -> str:
     return "-".join("".join(ch if ch.isalnum() else "_" for ch in p) for p in parts)
 
 
-def _intro(results: Path, config: dict, experiments: list[str], test_datasets: list[str]) -> str:
+def _intro(results: Path, config: dict, experiments: list[str], test_datasets: list[str],
+           runs: dict) -> str:
     body = page.para(f"Experiments: {', '.join(experiments)}. Test datasets: "
                      f"{', '.join(test_datasets)}. Results folder: {results}.", "meta")
     body += "<h3>Datasets</h3>\n" + page.simple_table(tables.datasets_table(config, results))
-    body += "<h3>Experiments</h3>\n" + page.simple_table(tables.experiments_table(config,
-                                                                                 experiments))
+    body += "<h3>Experiments</h3>\n" + page.simple_table(tables.experiments_table(
+        config, experiments, runs))
     plain = json.loads(json.dumps(config, default=str))  # tuples -> lists, paths -> strings
     dump = yaml.safe_dump(plain, sort_keys=False, default_flow_style=None, allow_unicode=True)
     body += ("<details><summary>Run configuration (YAML)</summary>\n<pre>"
@@ -128,7 +129,25 @@ def _seeds(metrics: pd.DataFrame, runs: dict, test_datasets: list[str], validate
     return page.section("seeds", "Experiments over seeds", body)
 
 
-def _training(results: Path, experiments: list[str], colors: dict[str, str]) -> str:
+def _curricula(logs: dict, runs: dict) -> str:
+    """Loss per task and curriculum weights of each pretraining run that has tasks (the first
+    run of an experiment with seeds: the curriculum does not depend on the seed)."""
+    out, seen = "", set()
+    for run, df in logs.items():
+        exp = runs.get(run, (run, None))[0]
+        if exp in seen:
+            continue
+        uri = figures.curriculum(df, run)
+        if uri:
+            seen.add(exp)
+            out += page.figure(uri, f"{run}: pretraining loss of each task (left, log scale) and "
+                               "the curriculum's weights of the tasks over the steps (right).",
+                               f"curriculum {run}")
+    return out
+
+
+def _training(results: Path, experiments: list[str], colors: dict[str, str],
+              runs: dict) -> str:
     body = ""
     for stage, what in (("pretrain", "Self-supervised pretraining"), ("finetune", "Fine-tuning")):
         logs, missing = tables.read_training_logs(results, experiments, stage)
@@ -139,6 +158,8 @@ def _training(results: Path, experiments: list[str], colors: dict[str, str]) -> 
                   else "."))
         part += page.figure(uri, cap, f"{stage} loss") if uri else page.note(
             f"No {stage} loss curve to draw.")
+        if stage == "pretrain":
+            part += _curricula(logs, runs)
         body += page.section(_anchor("training", stage), what, part, level=3)
     return page.section("training", "Training curves", body)
 
@@ -226,12 +247,12 @@ def build_report(results: Path, out: Path, experiments: list[str], test_datasets
            *([("seeds", "Experiments over seeds")] if seeded else []),
            ("training", "Training curves"), ("views", "Section views"),
            ("runtimes", "Run times")]
-    body = (_intro(results, config, experiments, test_datasets)
+    body = (_intro(results, config, experiments, test_datasets, runs)
             + _scores(metrics, experiments, test_datasets, colors, fixed_threshold, validated,
                       validate_datasets)
             + (_seeds(metrics, runs, test_datasets, validated, fixed_threshold,
                       list(baselines or [])) if seeded else "")
-            + _training(results, experiments, colors)
+            + _training(results, experiments, colors, runs)
             + _views(results, metrics, experiments, test_datasets, validated)
             + _runtimes(results))
     generated = time.strftime("%Y-%m-%d %H:%M:%S %Z")

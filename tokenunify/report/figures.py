@@ -134,6 +134,34 @@ def loss_curves(logs: dict[str, pd.DataFrame], colors: dict[str, str], stage: st
     return to_data_uri(fig)
 
 
+def curriculum(log: pd.DataFrame, title: str) -> str | None:
+    """Per-task pretraining losses (log y) and the curriculum weights over steps, side by side,
+    from one run's ``metrics.jsonl`` (``loss_<task>``, ``w_<task>``). None without tasks."""
+    tasks = [c.removeprefix("w_") for c in log.columns if c.startswith("w_")]
+    if not tasks:
+        return None
+    fig = new_figure(11, 3.6)
+    left, right = fig.subplots(1, 2)
+    for i, task in enumerate(tasks):
+        color = f"C{i}"
+        if f"loss_{task}" in log:
+            d = log[pd.to_numeric(log[f"loss_{task}"], errors="coerce") > 0]
+            left.plot(d["step"], d[f"loss_{task}"], color=color, label=task, lw=1.2)
+        right.plot(log["step"], log[f"w_{task}"], color=color, label=task, lw=1.5)
+    left.set_yscale("log")
+    left.set_title(f"{title}: loss per task", fontsize=10)
+    left.set_ylabel("MSE (normalised pixels)")
+    right.set_title(f"{title}: curriculum weights", fontsize=10)
+    right.set_ylabel("weight in the total loss")
+    right.set_ylim(0, 1)
+    for ax in (left, right):
+        ax.set_xlabel("step")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.25, which="both")
+    fig.tight_layout()
+    return to_data_uri(fig)
+
+
 def runtime_bars(table: pd.DataFrame) -> str | None:
     """Horizontal bars of total wall time (s) per rule, labelled with the number of jobs."""
     if table.empty:

@@ -199,12 +199,19 @@ def datasets_table(config: dict, results: Path) -> pd.DataFrame:
                                        "voxel size (nm, z×y×x)", "description"])
 
 
-def experiments_table(config: dict, experiments: list[str]) -> pd.DataFrame:
-    """One row per experiment in the report: pretraining method and description from the config."""
+def experiments_table(config: dict, experiments: list[str], runs: dict | None = None
+                      ) -> pd.DataFrame:
+    """One row per experiment (run) in the report: pretraining method, seed and description
+    from the config; ``runs`` maps run names to (experiment, seed)."""
     conf = config.get("experiments") or {}
-    rows = [{"experiment": e, "pretraining": (conf.get(e) or {}).get("pretraining", "—"),
-             "description": (conf.get(e) or {}).get("description", "")} for e in experiments]
-    return pd.DataFrame(rows, columns=["experiment", "pretraining", "description"])
+    runs = runs or {}
+    rows = []
+    for e in experiments:
+        base, seed = runs.get(e, (e, None))
+        rows.append({"experiment": e, "pretraining": (conf.get(base) or {}).get("pretraining", "—"),
+                     "seed": "—" if seed is None else seed,
+                     "description": (conf.get(base) or {}).get("description", "")})
+    return pd.DataFrame(rows, columns=["experiment", "pretraining", "seed", "description"])
 
 
 def read_jsonl(path: Path) -> pd.DataFrame | None:
