@@ -7,7 +7,8 @@ mapped to 0.1 / 0.9, and agglomerated at t = 0.5 with each fragment method:
 
 - ``maxima_distance`` (the official per-section seeded watershed, our default), blockwise;
 - ``maxima_distance`` on whole sections with waterz's merge (the reference path);
-- ``waterz`` (waterz's own 3-D watershed on the affinity graph, whole volume).
+- ``waterz`` (waterz's own 3-D watershed on the affinity graph), on the whole volume and
+  blockwise in 3-D tiles (two tiles in z, 128 x 128 in y and x, stitched).
 
 With perfect affinities a fragment method should lose almost nothing; what it loses here is
 the best any network can reach with it. Prints VOI split / merge / total and ARAND against the
@@ -76,6 +77,9 @@ def main() -> int:
                 thresholds=(0.5,), method="waterz", fragments="maxima_distance"),
             "waterz 3-D watershed + waterz merge": AgglomerateConfig(
                 thresholds=(0.5,), method="waterz", fragments="waterz"),
+            "waterz 3-D watershed in 3-D tiles, blockwise": AgglomerateConfig(
+                thresholds=(0.5,), fragments="waterz", block=(gt.shape[0], 128, 128),
+                tile_z=gt.shape[0] // 2 or 1),
         }
         print(f"NeuroProof z {z0}-{z1}, {gt.shape}, affinities from labels widened by "
               f"{args.widen}, t = 0.5")

@@ -171,8 +171,11 @@ def _set(section, **kw):
      r"fine-tuning needs a dataset with role 'train'"),
     (_set("infer", window=[16, 80, 80], overlap=[8, 32, 32]),
      r"infer.window \[16, 80, 80\] is larger than test dataset 't1' of shape \[16, 64, 64\]"),
+    (_set("agglomerate", fragments="waterz", tile_z=32),
+     r"agglomerate.block \[16, 64, 64\]: z must be a multiple of agglomerate.tile_z \(32\)"),
 ], ids=["finetune-crop-16", "finetune-crop-size", "tokenize-crop-size", "infer-overlap",
-        "infer-window-16", "agglomerate-tile", "no-train-dataset", "infer-window-size"])
+        "infer-window-16", "agglomerate-tile", "no-train-dataset", "infer-window-size",
+        "agglomerate-tile-z"])
 def test_late_limits_fail_at_check(mutate, message):
     check_config(limits_config())
     cfg = limits_config()

@@ -65,8 +65,10 @@ class AgglomerateConfig:
 
     thresholds: merge thresholds in [0, 1]. scoring: waterz scoring function. method:
     'blockwise' or 'waterz' (whole volume). fragments: 'maxima_distance' (official seeded
-    watershed) or 'waterz' (waterz's own; method waterz only). tile, context: fragment tile edge
-    and context (voxels, y and x). block: (z, y, x) voxels per task; y and x multiples of tile.
+    watershed per section) or 'waterz' (waterz's 3-D watershed on the affinity graph; blockwise
+    in 3-D tiles of tile_z sections). tile, context: fragment tile edge (y and x) and context
+    (voxels; y and x, and z for 3-D tiles). tile_z: depth of 3-D tiles (fragments 'waterz').
+    block: (z, y, x) voxels per task; y and x multiples of tile (z of tile_z for 3-D tiles).
     workers: parallel tasks. scheduler: local Dask scheduler, 'threads', 'processes' or
     'synchronous'. dask: the cluster (:class:`tokenunify.cluster.DaskConfig`; with ``local`` the
     scheduler above). batch_blocks: blocks per Snakemake job (None: one job).
@@ -81,6 +83,7 @@ class AgglomerateConfig:
     fragments: str = "maxima_distance"
     tile: int = 128
     context: int = 32
+    tile_z: int = 32
     block: tuple = (32, 256, 256)
     workers: int = 2
     scheduler: str = "threads"
@@ -108,13 +111,19 @@ class AgglomerateConfig:
         if self.fragments not in ("maxima_distance", "waterz"):
             raise ValueError(f"agglomerate.fragments must be 'maxima_distance' or 'waterz', "
                              f"not {self.fragments!r}")
-        if self.method == "blockwise" and self.fragments != "maxima_distance":
-            raise ValueError("agglomerate.fragments 'waterz' needs agglomerate.method 'waterz' "
-                             "(waterz's own watershed is not blockwise)")
         if self.method == "blockwise" and any(b % self.tile for b in self.block[1:]):
             raise ValueError(f"agglomerate.block {list(self.block)}: y and x must be multiples "
                              f"of agglomerate.tile ({self.tile}), so that fragments do not "
                              f"depend on the block grid")
+        if self.method == "blockwise" and self.block[0] % self.tile_depth:
+            raise ValueError(f"agglomerate.block {list(self.block)}: z must be a multiple of "
+                             f"agglomerate.tile_z ({self.tile_z}) with fragments 'waterz', so "
+                             f"that fragments do not depend on the block grid")
+
+    @property
+    def tile_depth(self) -> int:
+        """Sections per fragment tile: tile_z for 3-D tiles (fragments 'waterz'), else 1."""
+        return self.tile_z if self.fragments == "waterz" else 1
 
 
 def read_affinities(path: str | Path) -> tuple[zarr.Array, float]:
@@ -154,33 +163,41 @@ def _mark(work: Path, kind: str, idx) -> None:
     m.touch()
 
 
-def _fragments_task(aff_path, scale, out, work, idx, box, tile, context):
+def _fragments_task(aff_path, scale, out, work, idx, box, tile, context, tile_z=1):
     aff = zarr.open_group(aff_path, mode="r")["affinities"]
-    H, W = aff.shape[2:]
+    D, H, W = aff.shape[1:]
     (zs, ys, xs) = box
+    z0, z1 = (zs.start, zs.stop) if tile_z == 1 else (max(0, zs.start - context),
+                                                      min(D, zs.stop + context))
     y0, x0 = max(0, ys.start - context), max(0, xs.start - context)
     y1, x1 = min(H, ys.stop + context), min(W, xs.stop + context)
-    a = _float(aff[:, zs, y0:y1, x0:x1], scale)
-    local, counts = fr.block_fragments(a, (ys.start - y0, xs.start - x0),
-                                       (ys.stop - ys.start, xs.stop - xs.start), tile, context)
+    a = _float(aff[:, z0:z1, y0:y1, x0:x1], scale)
+    core = tuple(s.stop - s.start for s in box)
+    if tile_z == 1:
+        local, counts = fr.block_fragments(a, (ys.start - y0, xs.start - x0), core[1:], tile,
+                                           context)
+    else:
+        local, counts = fr.block_fragments_3d(a, (zs.start - z0, ys.start - y0, xs.start - x0),
+                                              core, tile, tile_z, context)
     writable(zarr.open_group(out, mode="r+")["fragments_local"])[box] = local
     np.save(Path(work) / "counts" / ("_".join(map(str, idx)) + ".npy"), counts)
     _mark(Path(work), "fragments", idx)
 
 
-def _global_fragments(out, offsets, box, tile, shell=(0, 0, 0)) -> np.ndarray:
+def _global_fragments(out, offsets, box, tile, shell=(0, 0, 0), tile_z=1) -> np.ndarray:
     lo = [s.start - h for s, h in zip(box, shell, strict=True)]
     loc = zarr.open_group(out, mode="r")["fragments_local"][
         tuple(slice(a, s.stop) for a, s in zip(lo, box, strict=True))]
-    return fr.globalize(loc, offsets, lo[0], lo[1], lo[2], tile)
+    return fr.globalize(loc, offsets, lo[0], lo[1], lo[2], tile, tile_z)
 
 
-def _edges_task(aff_path, scale, out, work, idx, box, tile, offsets, hist_bins):
+def _edges_task(aff_path, scale, out, work, idx, box, tile, offsets, hist_bins, tile_z=1):
     shell = tuple(int(s.start > 0) for s in box)
-    frag = _global_fragments(out, offsets, box, tile, shell)
+    frag = _global_fragments(out, offsets, box, tile, shell, tile_z)
     aff = _float(zarr.open_group(aff_path, mode="r")["affinities"][(slice(None),) + box], scale)
     origin = tuple(s.start for s in box)
-    edges, hist = block_edges(frag, aff, shell, hist_bins, origin, tile)
+    edges, hist = block_edges(frag, aff, shell, hist_bins, origin, tile,
+                              tile_z if tile_z > 1 else None)
     name = "_".join(map(str, idx))
     edges.to_parquet(Path(work) / "edges" / f"{name}.parquet")
     if hist is not None:
@@ -188,8 +205,8 @@ def _edges_task(aff_path, scale, out, work, idx, box, tile, offsets, hist_bins):
     _mark(Path(work), "edges", idx)
 
 
-def _relabel_task(out, work, idx, box, tile, offsets, luts: dict):
-    frag = _global_fragments(out, offsets, box, tile)
+def _relabel_task(out, work, idx, box, tile, offsets, luts: dict, tile_z=1):
+    frag = _global_fragments(out, offsets, box, tile, tile_z=tile_z)
     root = zarr.open_group(out, mode="r+")
     for name, lut in luts.items():
         writable(root[name])[box] = lut[frag]
@@ -247,7 +264,8 @@ class _Blockwise:
 
         c = self.cfg
         self._run([delayed(_fragments_task, pure=False)(self.aff_path, self.scale, self.out,
-                                                       str(self.work), i, b, c.tile, c.context)
+                                                       str(self.work), i, b, c.tile, c.context,
+                                                       c.tile_depth)
                   for i, b in self._todo("fragments", subset)], "fragments")
 
     def offsets(self) -> tuple[np.ndarray, int]:
@@ -259,12 +277,13 @@ class _Blockwise:
             with np.load(saved) as f:
                 return f["offsets"], int(f["n"])
         self.fragments(self.grid)
-        tile = self.cfg.tile
+        tile, tz = self.cfg.tile, self.cfg.tile_depth
         ty, tx = fr.tile_grid(self.shape[1:], tile)
-        counts = np.zeros((self.shape[0], ty, tx), np.int64)
+        counts = np.zeros((-(-self.shape[0] // tz), ty, tx), np.int64)
         for i, (zs, ys, xs) in self.grid:
             c = np.load(self.work / "counts" / ("_".join(map(str, i)) + ".npy"))
-            counts[zs, ys.start // tile:ys.start // tile + c.shape[1],
+            counts[zs.start // tz:zs.start // tz + c.shape[0],
+                   ys.start // tile:ys.start // tile + c.shape[1],
                    xs.start // tile:xs.start // tile + c.shape[2]] = c
         offsets, n = fr.tile_offsets(counts), int(counts.sum())
         tmp = self.work / f"offsets.{os.getpid()}.tmp.npz"
@@ -279,7 +298,7 @@ class _Blockwise:
         bins = self.scoring.bins if self.scoring.needs_histogram else None
         self._run([delayed(_edges_task, pure=False)(self.aff_path, self.scale, self.out,
                                                    str(self.work), i, b, self.cfg.tile, offsets,
-                                                   bins)
+                                                   bins, self.cfg.tile_depth)
                   for i, b in self._todo("edges", subset)], "edges")
 
     def merge(self) -> MergeHistory:
@@ -317,7 +336,8 @@ class _Blockwise:
         luts = ({threshold_name(t): history.lut(t) for t in self.cfg.thresholds}
                 if todo else {})
         self._run([delayed(_relabel_task, pure=False)(self.out, str(self.work), i, b,
-                                                     self.cfg.tile, offsets, luts)
+                                                     self.cfg.tile, offsets, luts,
+                                                     self.cfg.tile_depth)
                   for i, b in todo], "relabel")
         return history
 
@@ -384,7 +404,8 @@ def run(affinities: str | Path, out: str | Path, cfg: AgglomerateConfig | None =
                         "n_fragments": history.n_fragments})
     root.attrs.update({"thresholds": list(cfg.thresholds), "arrays": names,
                        "scoring": cfg.scoring, "method": cfg.method,
-                       "fragments": cfg.fragments, "tile": cfg.tile, "context": cfg.context,
+                       "fragments": cfg.fragments, "tile": cfg.tile, "tile_z": cfg.tile_depth,
+                       "context": cfg.context,
                        "voxel_size": list(vs), "offset": list(off),
                        "provenance": provenance("agglomerate", lineage, [str(affinities)])})
     shutil.rmtree(stage.path / ".work", ignore_errors=True)

@@ -1,4 +1,5 @@
-"""Fragments (supervoxels) from affinities: the official seeded watershed, per section.
+"""Fragments (supervoxels) from affinities: the official seeded watershed per section, or
+waterz's 3-D watershed on the affinity graph in 3-D tiles (:func:`block_fragments_3d`).
 
 TokenUnify's post-processing (official-code.md §3, ``utils/fragment.py``, ``maxima_distance``)
 works on each z-section in 2-D:
@@ -107,11 +108,61 @@ def block_fragments(aff: np.ndarray, origin_yx: tuple[int, int], core_yx: tuple[
     return out, counts
 
 
+def watershed_fragments(aff: np.ndarray) -> np.ndarray:
+    """waterz's 3-D watershed on the affinity graph of a (3, z, y, x) float32 window: the
+    fragments of ``agglomerate.method: waterz`` before any merge, uint32 ids 1..n (0 where
+    waterz leaves a voxel out). Unlike the per-section seeded watershed, it follows the
+    affinity of every voxel pair, so a 1-voxel membrane between two objects (z included)
+    separates them; on isotropic FIB-SEM this is what thin processes need
+    (benchmarks/bench_fragments_ceiling.py)."""
+    import waterz
+
+    seg = next(iter(waterz.agglomerate(np.ascontiguousarray(aff, dtype=np.float32), [0.0])))
+    return _renumber(seg)[0]
+
+
+def block_fragments_3d(aff: np.ndarray, origin: tuple[int, int, int],
+                       core: tuple[int, int, int], tile: int, tile_z: int,
+                       context: int) -> tuple[np.ndarray, np.ndarray]:
+    """3-D tile fragments (:func:`watershed_fragments`) of a block, with local (per-tile) ids.
+
+    Tiles are ``tile_z`` sections deep and ``tile`` voxels wide on a fixed global grid; each is
+    computed from the affinities of the tile grown by ``context`` voxels on every side (as far
+    as ``aff`` reaches) and cropped to the tile, so it does not depend on the blocking.
+
+    Args:
+        aff: (3, z, y, x) float32 affinities of the block grown by ``context`` where the volume
+            allows; ``origin`` is the core's first voxel inside ``aff`` and ``core`` its size.
+            The core's start must be a multiple of (tile_z, tile, tile) in volume coordinates.
+
+    Returns:
+        (fragments (cz, cy, cx) uint32 with ids 1..n per tile, counts (tz, ty, tx) int64).
+    """
+    oz, oy, ox = origin
+    cz, cy, cx = core
+    out = np.zeros(core, np.uint32)
+    grid = (-(-cz // tile_z), -(-cy // tile), -(-cx // tile))
+    counts = np.zeros(grid, np.int64)
+    size = (tile_z, tile, tile)
+    for k, i, j in np.ndindex(*grid):
+        lo = [o + n * t for o, n, t in zip(origin, (k, i, j), size, strict=True)]
+        hi = [min(a + t, o + c) for a, t, o, c in zip(lo, size, origin, core, strict=True)]
+        wlo = [max(0, a - context) for a in lo]
+        whi = [min(n, b + context) for b, n in zip(hi, aff.shape[1:], strict=True)]
+        f = watershed_fragments(aff[:, wlo[0]:whi[0], wlo[1]:whi[1], wlo[2]:whi[2]])
+        crop = f[tuple(slice(a - w, b - w) for a, b, w in zip(lo, hi, wlo, strict=True))]
+        loc, n = _renumber(crop)
+        out[lo[0] - oz:hi[0] - oz, lo[1] - oy:hi[1] - oy, lo[2] - ox:hi[2] - ox] = loc
+        counts[k, i, j] = n
+    return out, counts
+
+
 def globalize(local: np.ndarray, offsets: np.ndarray, z0: int, y0: int, x0: int,
-              tile: int | None) -> np.ndarray:
+              tile: int | None, tile_z: int = 1) -> np.ndarray:
     """Local per-tile ids (z, y, x) at volume position (z0, y0, x0) -> global uint64 ids.
 
-    ``offsets`` (Z, TY, TX) uint64: ids before each tile in raster order. Zero stays zero.
+    ``offsets`` (Z / tile_z, TY, TX) uint64: ids before each tile in raster order (tiles one
+    section deep unless ``tile_z``). Zero stays zero.
     """
     nz, ny, nx = local.shape
     if tile is None:
@@ -119,7 +170,7 @@ def globalize(local: np.ndarray, offsets: np.ndarray, z0: int, y0: int, x0: int,
     else:
         ty = (np.arange(y0, y0 + ny) // tile)[None, :, None]
         tx = (np.arange(x0, x0 + nx) // tile)[None, None, :]
-        off = offsets[np.arange(z0, z0 + nz)[:, None, None], ty, tx]
+        off = offsets[(np.arange(z0, z0 + nz) // tile_z)[:, None, None], ty, tx]
     return np.where(local != 0, local.astype(np.uint64) + off.astype(np.uint64), 0)
 
 

@@ -24,7 +24,8 @@ EDGE_COLUMNS = ["u", "v", "count", "sum", "max", "cut_count", "cut_sum"]
 
 def block_edges(frag: np.ndarray, aff: np.ndarray, shell: tuple[int, int, int],
                 histogram_bins: int | None = None, origin: tuple[int, int, int] = (0, 0, 0),
-                tile: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+                tile: int | None = None, tile_z: int | None = None,
+                ) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """Edge statistics of one block.
 
     Args:
@@ -36,6 +37,8 @@ def block_edges(frag: np.ndarray, aff: np.ndarray, shell: tuple[int, int, int],
         origin: volume position (z, y, x) of the core's first voxel.
         tile: fragment tile edge; in-plane samples that cross a tile edge are also summed
             separately (columns cut_count, cut_sum), for stitching tile-split fragments.
+        tile_z: depth of 3-D fragment tiles (None: fragments are per section, and a z sample
+            never splits one); z samples that cross a tile face count as cuts too.
 
     Returns:
         (edges, histograms or None), one row per fragment pair.
@@ -57,11 +60,12 @@ def block_edges(frag: np.ndarray, aff: np.ndarray, shell: tuple[int, int, int],
         vs.append(np.maximum(a, b))
         vals.append(aff[c][tuple(aff_sl)][keep].astype(np.float32))
         cut = np.zeros(own.shape, bool)
-        if tile and c > 0:  # in-plane sample whose voxel starts a tile: it crosses a tile edge
+        edge = tile if c > 0 else tile_z
+        if tile and edge:  # a sample whose voxel starts a tile crosses a tile edge
             pos = origin[c] + np.arange(own.shape[c]) + (0 if shell[c] else 1)
             shape = [1, 1, 1]
             shape[c] = -1
-            cut = np.broadcast_to((pos % tile == 0).reshape(shape), own.shape)
+            cut = np.broadcast_to((pos % edge == 0).reshape(shape), own.shape)
         cuts.append(cut[keep])
     u, v, val = np.concatenate(us), np.concatenate(vs), np.concatenate(vals)
     cut = np.concatenate(cuts)
