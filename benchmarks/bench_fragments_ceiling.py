@@ -41,11 +41,13 @@ DATA = Path(os.environ.get("TOKENUNIFY_SHARED_DATA",
 NEUROPROOF = DATA / "neuroproof_fib_medulla_250"
 
 
-def test_labels(tmp: Path, z0: int, z1: int) -> np.ndarray:
-    """Body ids (z, y, x) uint64 of NeuroProof z0:z1 (supervoxels mapped via transforms)."""
-    with gzip.open(NEUROPROOF / "groundtruth.h5.gz") as f, open(tmp / "gt.h5", "wb") as g:
+def test_labels(tmp: Path, z0: int, z1: int, name: str = "groundtruth") -> np.ndarray:
+    """Ids (z, y, x) uint64 of NeuroProof z0:z1 from ``name``.h5.gz (``stack`` mapped through
+    ``transforms``): the ground-truth bodies, or the shipped supervoxels'
+    (``oversegmented_stack_labels``) agglomerated bodies."""
+    with gzip.open(NEUROPROOF / f"{name}.h5.gz") as f, open(tmp / f"{name}.h5", "wb") as g:
         shutil.copyfileobj(f, g)
-    with h5py.File(tmp / "gt.h5") as f:
+    with h5py.File(tmp / f"{name}.h5") as f:
         stack, table = f["stack"][z0:z1], f["transforms"][:]
     lut = np.zeros(int(stack.max()) + 1, np.uint64)
     lut[table[:, 0]] = table[:, 1]
@@ -92,6 +94,9 @@ def main() -> int:
             voi[name] = s.voi
             print(f"{name:48s} VOI split {s.voi_split:.3f} merge {s.voi_merge:.3f} "
                   f"VOI {s.voi:.3f} ARAND {s.arand:.3f} ({time.perf_counter() - t0:.1f} s)")
+        sv = metrics.evaluate(gt, test_labels(tmp, z0, z1, "oversegmented_stack_labels"))
+        print(f"{'shipped supervoxels (reference)':48s} VOI split {sv.voi_split:.3f} merge "
+              f"{sv.voi_merge:.3f} VOI {sv.voi:.3f} ARAND {sv.arand:.3f}")
         default, best = voi["maxima_distance blockwise (default)"], \
             voi["waterz 3-D watershed + waterz merge"]
         print(f"SUMMARY fragments ceiling: default VOI {default:.3f} / waterz fragments VOI "
