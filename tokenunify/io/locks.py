@@ -36,7 +36,9 @@ def lock_file(final: str | Path, part: str = "") -> Path:
 
 
 def _holder_line() -> str:
-    cmd = " ".join(Path(a).name if i == 0 else a for i, a in enumerate(sys.argv[:4]))
+    """Who holds the lock: pid, host, start time and the program and its first argument (the
+    stage); never the rest of the command line, which may carry settings and URLs."""
+    cmd = " ".join([Path(sys.argv[0]).name, *sys.argv[1:2]]) if sys.argv else "?"
     return (f"pid {os.getpid()} on host {socket.gethostname()} since "
             f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} ({cmd})")
 
