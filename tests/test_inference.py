@@ -11,6 +11,7 @@ import sys
 import time
 
 import numpy as np
+import torch
 import zarr
 
 from tokenunify import inference
@@ -21,10 +22,39 @@ CFG = InferConfig(block=(16, 96, 96), window=(16, 32, 32), overlap=(8, 16, 16), 
 
 
 def test_window_grid_and_weight():
-    np.testing.assert_array_equal(window_starts(100, 32, 16), [0, 16, 32, 48, 64, 80])
+    # the last window ends at the volume's face instead of reading past it
+    np.testing.assert_array_equal(window_starts(100, 32, 16), [0, 16, 32, 48, 64, 68])
+    np.testing.assert_array_equal(window_starts(96, 32, 16), [0, 16, 32, 48, 64])
     np.testing.assert_array_equal(window_starts(20, 32, 16), [0])  # smaller than a window
     w = gaussian_weight((4, 8, 8), 0.125)
     assert w.max() <= 1 and w.min() >= 1e-3 and w[2, 4, 4] > w[0, 0, 0]
+
+
+class _Echo(torch.nn.Module):
+    """A stand-in network whose 3 output channels are its standardised input."""
+
+    config = type("C", (), {"out_channels": 3})
+
+    def __init__(self):
+        super().__init__()
+        self.p = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        return x.repeat(1, 3, 1, 1, 1) + self.p
+
+
+def test_windows_never_read_zeros_past_the_far_faces():
+    """On a uniform volume every standardised window is 0, so the echo network predicts
+    sigmoid(0) = 0.5 everywhere, also along the far faces of a volume that is no multiple of the
+    window step (there, zero padding made windows whose input the network never saw in
+    training: on NeuroProof it spoiled the last 10 z sections and 34 voxels of y and x). An axis
+    shorter than the window reads the volume mirrored, which stays uniform too."""
+    raw = np.full((21, 50, 47), 120, np.uint8)
+    cfg = InferConfig(window=(16, 32, 32), overlap=(8, 16, 16), batch_size=2)
+    for shape in ((21, 50, 47), (9, 50, 47)):
+        core = tuple(slice(0, n) for n in shape)
+        pred = inference.predict_block(raw[core], _Echo(), core, cfg)
+        np.testing.assert_allclose(pred, 0.5, atol=1e-6, err_msg=str(shape))
 
 
 def test_affinities_do_not_depend_on_the_block_size(infer_setup, tmp_path):

@@ -5,8 +5,11 @@ Geometry (all in voxels, z y x)::
     volume ─┬─ blocks (``block``): one Dask task each; the output is written only inside the
             │  block's core, in zarr chunks equal to the block, so no two tasks share a chunk
             └─ windows (``window``, the model input) on ONE global grid with step
-               ``window - overlap``, anchored at the volume origin and padded with zeros
-               beyond the volume
+               ``window - overlap``, anchored at the volume origin; the last window of each
+               axis is moved back to end at the volume's face, so no window reads outside
+               the volume (an axis shorter than the window is mirrored, never zero-padded:
+               zeros standardised with the window would show the network an input it never
+               saw in training and spoil the predictions along the far faces)
 
 A block predicts every window of the global grid that intersects its core (the windows reach
 out of the core by up to ``window - 1``: that is the halo, the model's whole context) and blends
@@ -80,11 +83,12 @@ class InferConfig:
 
 def window_starts(n: int, window: int, step: int) -> np.ndarray:
     """Starts of the global window grid along one axis covering [0, n); the grid is anchored at
-    0 with the given step, and one more window is added when needed so that the last one reaches
-    n (windows may extend past the volume: that part reads zeros)."""
+    0 with the given step, and when the grid stops short of n one more window is added that
+    ends exactly at n (so windows stay inside the volume). An axis shorter than the window has
+    one window at 0, which reads a mirrored volume (:func:`read_padded`)."""
     starts = np.arange(0, max(n - window, 0) + 1, step)
     if starts[-1] + window < n:
-        starts = np.append(starts, starts[-1] + step)
+        starts = np.append(starts, n - window)
     return starts
 
 
@@ -101,14 +105,19 @@ def gaussian_weight(window, sigma_scale: float) -> np.ndarray:
 
 
 def read_padded(arr, start, size) -> np.ndarray:
-    """arr[start:start+size] with zeros where the box leaves the volume."""
-    out = np.zeros(size, arr.dtype)
-    src = tuple(slice(max(s, 0), min(s + n, d)) for s, n, d in zip(start, size, arr.shape,
-                                                                       strict=True))
-    if all(sl.start < sl.stop for sl in src):
-        dst = tuple(slice(sl.start - s, sl.stop - s) for sl, s in zip(src, start, strict=True))
-        out[dst] = arr[src]
-    return out
+    """arr[start:start+size], mirrored (numpy's ``reflect``) where the box leaves the volume.
+
+    The window grid keeps windows inside the volume wherever it is at least a window long, so
+    this pads only along axes shorter than the window (and for boxes that start outside)."""
+    src = tuple(slice(min(max(s, 0), d - 1), max(min(s + n, d), min(max(s, 0), d - 1) + 1))
+                for s, n, d in zip(start, size, arr.shape, strict=True))
+    data = np.asarray(arr[src])
+    pad = [(sl.start - s, s + n - sl.stop) for sl, s, n in zip(src, start, size, strict=True)]
+    if not any(a or b for a, b in pad):
+        return data
+    if any(a < 0 or b < 0 for a, b in pad):
+        raise ValueError(f"box {list(start)}+{list(size)} does not overlap shape {arr.shape}")
+    return np.pad(data, pad, mode="reflect")
 
 
 def _worker_device() -> torch.device:
