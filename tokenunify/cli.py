@@ -134,7 +134,8 @@ def cmd_finetune(args) -> None:
 
     cfg, spec = _stage_config(args)
     _, full = _experiment(cfg, spec, args.experiment)
-    fcfg = FinetuneConfig.from_dict(full["finetune"])
+    fcfg = FinetuneConfig.from_dict({**full["finetune"],
+                                     "scoring": full["agglomerate"]["scoring"]})
     if _relaunch_under_torchrun(args.nproc, fcfg.nproc):
         return
     run(args.pretrained, args.train, args.validate, args.out, args.experiment, fcfg)

@@ -157,3 +157,31 @@ def test_random_bytes_are_not_a_torch_checkpoint(data, tmp_path):
     with pytest.raises(ckpt.CheckpointError, match="not a torch checkpoint"):
         run(junk, [data / "train.zarr"], [], tmp_path / "ft", "exp", FinetuneConfig(),
             progress=False)
+
+
+def test_validation_merges_with_the_agglomerate_scoring(data):
+    """Validation picks the checkpoint with the merge the segmentation will use: its VOI is
+    waterz's own result with ``cfg.scoring``, and
+    the CLI takes that scoring from ``agglomerate.scoring``."""
+    import waterz
+
+    from tokenunify import metrics
+    from tokenunify.inference import InferConfig, predict_block
+    from tokenunify.train.finetune import validate
+
+    torch.manual_seed(1)
+    net = EMmamba(preset("tiny", out_channels=3))
+    g = zarr.open_group(str(data / "val.zarr"), mode="r")
+    labels = g["labels"][:]
+    aff = predict_block(g["raw"], net, tuple(slice(0, s) for s in labels.shape),
+                        InferConfig(window=(16, 64, 64), overlap=(8, 32, 32), batch_size=2))[:3]
+    scorings = ("OneMinus<MeanAffinity<RegionGraphType, ScoreValue>>",
+                "OneMinus<HistogramQuantileAffinity<RegionGraphType, 85, ScoreValue, 256>>")
+    got = []
+    for scoring in scorings:
+        cfg = FinetuneConfig(crop=(16, 64, 64), thresholds=(0.5,), scoring=scoring)
+        seg = next(iter(waterz.agglomerate(np.ascontiguousarray(aff), [0.5],
+                                           scoring_function=scoring)))
+        want = metrics.evaluate(labels, seg.astype(np.uint64)).voi
+        got.append(validate(net, [data / "val.zarr"], cfg)["val_voi"])
+        assert got[-1] == pytest.approx(want, abs=1e-9), scoring

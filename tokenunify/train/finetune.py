@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from tokenunify import affinities
 from tokenunify.inference import normalize_windows
+from tokenunify.agglomerate.scoring import DEFAULT as DEFAULT_SCORING
 from tokenunify.io.identity import Lineage
 from tokenunify.io.zarrio import StagedOutput, require_complete
 from tokenunify.model.emmamba import EMmamba, ModelConfig
@@ -70,6 +71,9 @@ class FinetuneConfig(OptimConfig):
     part: str = "all"  # all | mamba | encoder | decoder
     validate_every: int = 50
     thresholds: tuple[float, ...] = (0.3, 0.5, 0.7)
+    # the waterz scoring function of validation: the agglomerate stage's (``agglomerate.scoring``,
+    # set by the CLI), so the checkpoint is chosen with the merge the segmentation will use
+    scoring: str = DEFAULT_SCORING
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     min_loaded: float = 1.0  # share of the pretrained tensors (all but the head) that must load
 
@@ -159,7 +163,7 @@ def set_trainable(model: nn.Module, part: str) -> int:
 
 def validate(model: EMmamba, volumes: list[str | Path], cfg: FinetuneConfig) -> dict:
     """Whole-volume prediction (the inference path, one block), waterz agglomeration over the
-    thresholds, and VOI / ARAND against the labels (best threshold, mean over volumes)."""
+    thresholds with ``cfg.scoring``, and VOI / ARAND against the labels (best threshold, mean over volumes)."""
     import waterz
 
     from tokenunify import metrics
@@ -179,8 +183,9 @@ def validate(model: EMmamba, volumes: list[str | Path], cfg: FinetuneConfig) -> 
         core = tuple(slice(0, s) for s in raw.shape)
         aff = predict_block(raw, model, core, icfg)[:3]
         best = None
-        for t, seg in zip(cfg.thresholds, waterz.agglomerate(np.ascontiguousarray(aff),
-                                                             list(cfg.thresholds)), strict=True):
+        segs = waterz.agglomerate(np.ascontiguousarray(aff), list(cfg.thresholds),
+                                  scoring_function=cfg.scoring)
+        for t, seg in zip(cfg.thresholds, segs, strict=True):
             s = metrics.evaluate(labels, seg.astype(np.uint64))
             if best is None or s.voi < best[1].voi:
                 best = (t, s)

@@ -80,6 +80,8 @@ def finetune_spec(wildcards):
         {
             "experiment": config["experiments"][run_of(config, wildcards.experiment).experiment],
             "finetune": stage_settings(config, wildcards.experiment, "finetune"),
+            # validation merges as the agglomerate stage will
+            "agglomerate": {"scoring": config["agglomerate"]["scoring"]},
         },
         sort_keys=True,
     )
