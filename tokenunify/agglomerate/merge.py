@@ -17,13 +17,21 @@ stops for threshold t at the first popped score >= t, so its segmentation at t i
 merges whose level is < t. Ties in score are broken by edge index (edges sorted by (u, v)),
 which makes the result a pure function of the graph; waterz breaks ties in heap order, so on
 the same graph the two can differ where equal scores compete (measured in the tests).
+
+Two implementations with the identical merge history: the compiled one (``merge_cpu.cpp``, built
+once with torch's extension builder like the fused scan; flat arrays, about 150-170 bytes per
+edge) is used whenever it builds, and the pure-Python one (:func:`agglomerate_graph_python`,
+about 1 kB per edge and 30-50x slower) is the reference of the tests and the fallback without a
+compiler. ``TOKENUNIFY_COMPILED_MERGE=0`` forces the Python one.
 """
 
 from __future__ import annotations
 
 import heapq
 import logging
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -31,7 +39,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from tqdm.auto import tqdm
 
-from tokenunify.agglomerate.scoring import Scoring
+from tokenunify.agglomerate.scoring import Scoring, discretize
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +74,87 @@ class MergeHistory:
         return out if self.pre is None else out[self.pre.astype(np.int64)]
 
 
+_COMPILED = None  # the built extension; False once known to be unavailable
+
+
+def compiled_extension():
+    """The compiled merge (``merge_cpu.cpp``), built on first use; None when unavailable."""
+    global _COMPILED
+    if _COMPILED is None:
+        if os.environ.get("TOKENUNIFY_COMPILED_MERGE", "1") == "0":
+            _COMPILED = False
+            return None
+        try:
+            from tokenunify.native import load_extension
+
+            # no fast-math: scores must round exactly as the Python reference's
+            _COMPILED = load_extension("tokenunify_merge_cpu",
+                                       Path(__file__).with_name("merge_cpu.cpp"), ["-O2"])
+        except Exception as exc:  # compiler, ninja or headers missing
+            log.warning("compiled merge unavailable (%s); using the Python merge",
+                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            _COMPILED = False
+    return _COMPILED or None
+
+
 def agglomerate_graph(edges: pd.DataFrame, n_fragments: int, scoring: Scoring,
-                      max_threshold: float, histograms: pd.DataFrame | None = None
-                      ) -> MergeHistory:
-    """Run the merging on a fragment graph up to ``max_threshold``.
+                      max_threshold: float, histograms: pd.DataFrame | None = None,
+                      engine: str = "auto") -> MergeHistory:
+    """Run the merging on a fragment graph up to ``max_threshold`` (arguments as
+    :func:`agglomerate_graph_python`). ``engine``: 'compiled', 'python', or 'auto' (compiled
+    when it builds)."""
+    if engine not in ("auto", "compiled", "python"):
+        raise ValueError(f"merge engine must be auto, compiled or python, not {engine!r}")
+    ext = None if engine == "python" else compiled_extension()
+    if ext is None:
+        if engine == "compiled":
+            raise RuntimeError("the compiled merge is unavailable (see the warning above)")
+        return agglomerate_graph_python(edges, n_fragments, scoring, max_threshold, histograms)
+    import torch
+
+    edges = edges.sort_values(["u", "v"], kind="stable").reset_index(drop=True)
+    E = len(edges)
+    u = edges["u"].to_numpy(np.int64)
+    v = edges["v"].to_numpy(np.int64)
+    if len(u) and (u.min() < 1 or v.max() > n_fragments or (u >= v).any()):
+        raise ValueError(f"edge table: ids must satisfy 1 <= u < v <= n_fragments "
+                         f"({n_fragments}); got u in [{u.min()}, {u.max()}], v in "
+                         f"[{v.min()}, {v.max()}]")
+    empty_i, empty_f = np.zeros(0, np.int64), np.zeros(0, np.float64)
+    sums, counts, off, hbin, hcnt = empty_f, empty_i, np.zeros(E + 1, np.int64), \
+        np.zeros(0, np.int32), empty_i
+    if scoring.kind == "mean":
+        sums = edges["sum"].to_numpy(np.float64)
+        counts = edges["count"].to_numpy(np.int64)
+    elif scoring.init_with_max:
+        off = np.arange(E + 1, dtype=np.int64)
+        hbin = discretize(edges["max"].to_numpy(), scoring.bins).astype(np.int32)
+        hcnt = np.ones(E, np.int64)
+    else:
+        if histograms is None:
+            raise ValueError(f"scoring {scoring.name!r} needs per-sample histograms")
+        idx = pd.DataFrame({"u": u, "v": v, "edge": np.arange(E)})
+        h = histograms.merge(idx, on=["u", "v"], how="inner", validate="many_to_one")
+        h = h.groupby(["edge", "bin"], sort=True, as_index=False)["n"].sum()
+        off[1:] = np.cumsum(np.bincount(h["edge"].to_numpy(), minlength=E))
+        hbin = h["bin"].to_numpy(np.int32)
+        hcnt = h["n"].to_numpy(np.int64)
+    def t(a):  # zero-copy unless pandas handed out a read-only view
+        return torch.from_numpy(np.require(a, requirements=["C", "W"]))
+
+    mu, mv, ml = ext.merge(t(u), t(v), 0 if scoring.kind == "mean" else 1, t(sums), t(counts),
+                           t(off), t(hbin), t(hcnt), scoring.quantile, scoring.bins,
+                           int(n_fragments), float(max_threshold))
+    log.info("agglomerated %d fragments, %d edges (compiled): %d merges below %.3f",
+             n_fragments, E, len(mu), max_threshold)
+    return MergeHistory(mu.numpy().astype(np.uint64), mv.numpy().astype(np.uint64),
+                        ml.numpy(), n_fragments)
+
+
+def agglomerate_graph_python(edges: pd.DataFrame, n_fragments: int, scoring: Scoring,
+                             max_threshold: float, histograms: pd.DataFrame | None = None
+                             ) -> MergeHistory:
+    """Run the merging on a fragment graph up to ``max_threshold``: the pure-Python reference.
 
     Args:
         edges: reduced edge table (u < v, both in 1..n_fragments; count, sum, max).

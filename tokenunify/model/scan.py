@@ -77,19 +77,12 @@ def fused_cpu_extension():
             _FUSED_CPU = False
             return None
         try:
-            import sysconfig
+            from tokenunify.native import load_extension
 
-            from torch.utils.cpp_extension import load
-
-            # the ninja that pip installed sits beside this interpreter, maybe not on PATH
-            scripts = sysconfig.get_path("scripts")
-            if scripts and scripts not in os.environ.get("PATH", "").split(os.pathsep):
-                os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
-            src = Path(__file__).with_name("scan_cpu.cpp")
             isa = _cpu_isa()
-            _FUSED_CPU = load(name=f"tokenunify_scan_cpu_{isa}", sources=[str(src)],
-                              extra_cflags=["-O3", "-ffast-math", "-fopenmp", *_ISA_FLAGS[isa]],
-                              extra_ldflags=["-fopenmp"], verbose=False)
+            _FUSED_CPU = load_extension(
+                f"tokenunify_scan_cpu_{isa}", Path(__file__).with_name("scan_cpu.cpp"),
+                ["-O3", "-ffast-math", "-fopenmp", *_ISA_FLAGS[isa]], ["-fopenmp"])
         except Exception as exc:  # compiler, ninja or headers missing: use the PyTorch scan
             log.warning("fused CPU scan unavailable (%s); using the chunked PyTorch scan",
                         str(exc).splitlines()[0] if str(exc) else type(exc).__name__)

@@ -36,8 +36,8 @@ import zarr
 from tqdm.auto import tqdm
 
 from tokenunify import affinities
-from tokenunify.inference import normalize_windows
 from tokenunify.agglomerate.scoring import DEFAULT as DEFAULT_SCORING
+from tokenunify.inference import normalize_windows
 from tokenunify.io.identity import Lineage
 from tokenunify.io.zarrio import StagedOutput, require_complete
 from tokenunify.model.emmamba import EMmamba, ModelConfig
@@ -163,7 +163,8 @@ def set_trainable(model: nn.Module, part: str) -> int:
 
 def validate(model: EMmamba, volumes: list[str | Path], cfg: FinetuneConfig) -> dict:
     """Whole-volume prediction (the inference path, one block), waterz agglomeration over the
-    thresholds with ``cfg.scoring``, and VOI / ARAND against the labels (best threshold, mean over volumes)."""
+    thresholds with ``cfg.scoring``, and VOI / ARAND against the labels (best threshold, mean
+    over volumes)."""
     import waterz
 
     from tokenunify import metrics
