@@ -112,10 +112,14 @@ def agglomerate_graph(edges: pd.DataFrame, n_fragments: int, scoring: Scoring,
         return agglomerate_graph_python(edges, n_fragments, scoring, max_threshold, histograms)
     import torch
 
-    edges = edges.sort_values(["u", "v"], kind="stable").reset_index(drop=True)
-    E = len(edges)
     u = edges["u"].to_numpy(np.int64)
     v = edges["v"].to_numpy(np.int64)
+    order = np.lexsort((v, u))  # edge index = rank in (u, v) order, as the reference's
+    u, v = u[order], v[order]
+    E = len(u)
+    if E >= 2**31 or n_fragments >= 2**32:
+        raise ValueError(f"the compiled merge takes < 2^31 edges and < 2^32 fragments per "
+                         f"process, not {E} and {n_fragments}")
     if len(u) and (u.min() < 1 or v.max() > n_fragments or (u >= v).any()):
         raise ValueError(f"edge table: ids must satisfy 1 <= u < v <= n_fragments "
                          f"({n_fragments}); got u in [{u.min()}, {u.max()}], v in "
@@ -124,11 +128,11 @@ def agglomerate_graph(edges: pd.DataFrame, n_fragments: int, scoring: Scoring,
     sums, counts, off, hbin, hcnt = empty_f, empty_i, np.zeros(E + 1, np.int64), \
         np.zeros(0, np.int32), empty_i
     if scoring.kind == "mean":
-        sums = edges["sum"].to_numpy(np.float64)
-        counts = edges["count"].to_numpy(np.int64)
+        sums = edges["sum"].to_numpy(np.float64)[order]
+        counts = edges["count"].to_numpy(np.int64)[order]
     elif scoring.init_with_max:
         off = np.arange(E + 1, dtype=np.int64)
-        hbin = discretize(edges["max"].to_numpy(), scoring.bins).astype(np.int32)
+        hbin = discretize(edges["max"].to_numpy()[order], scoring.bins).astype(np.int32)
         hcnt = np.ones(E, np.int64)
     else:
         if histograms is None:
