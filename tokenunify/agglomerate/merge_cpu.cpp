@@ -7,7 +7,7 @@
 //   - otherwise its regions merge: the one with fewer live neighbours is absorbed; each of its
 //     edges moves to the survivor or, when the survivor already has an edge to that neighbour,
 //     the two merge: statistics add into the edge with the lower current score (on a tie, the
-//     absorbed region's edge, moved to the survivor), which becomes stale; the other is deleted.
+//     lower edge index), which becomes stale; the other is deleted.
 //
 // Everything is held in flat arrays (struct of arrays), never one object per edge:
 //   edges        eu, ev (int64), score (double), stale/deleted (uint8)          26 B per edge
@@ -298,10 +298,10 @@ std::vector<torch::Tensor> merge(torch::Tensor eu_t, torch::Tensor ev_t, int64_t
         continue;
       }
       i64 keep, drop;
-      if (g.score[eb] > g.score[ea]) {  // keep the edge with the lower score
-        keep = ea;
+      if (g.score[eb] > g.score[ea] || (g.score[eb] == g.score[ea] && eb > ea)) {
+        keep = ea;  // keep the edge with the lower score (on a tie, the lower index)
         drop = eb;
-      } else {  // waterz: on a tie, b's edge is kept and moved to a
+      } else {  // b's edge is kept and moved to a
         keep = eb;
         drop = ea;
         g.eu[keep] = lo;

@@ -1,0 +1,93 @@
+"""Hierarchical agglomeration (in-memory reference): the same segmentation as the global merge at
+every threshold, on grid graphs with object-like scores cut into an octree of blocks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tokenunify.agglomerate.hierarchy import NodeGraph, hierarchical_merge
+from tokenunify.agglomerate.merge import agglomerate_graph_python
+from tokenunify.agglomerate.scoring import parse
+from tokenunify.metrics import evaluate
+
+MEAN = "OneMinus<MeanAffinity<RegionGraphType, ScoreValue>>"
+QUANTILE = "OneMinus<HistogramQuantileAffinity<RegionGraphType, 50, ScoreValue, 256>>"
+
+
+def object_grid(n: int, cell: int, seed: int):
+    """An n^3 grid of fragments (ids in raster order) in objects of cell^3 fragments: edges
+    inside an object have a high mean affinity, edges between objects a low one."""
+    rng = np.random.default_rng(seed)
+    ids = np.arange(1, n ** 3 + 1).reshape(n, n, n)
+    pairs = [(ids[1:], ids[:-1]), (ids[:, 1:], ids[:, :-1]), (ids[:, :, 1:], ids[:, :, :-1])]
+    u = np.concatenate([b.ravel() for _, b in pairs])
+    v = np.concatenate([a.ravel() for a, _ in pairs])
+    k = n // cell
+    obj = np.zeros(n ** 3 + 1, np.int64)
+    obj[ids.ravel()] = np.arange(k ** 3).reshape(k, k, k).repeat(cell, 0).repeat(cell, 1) \
+        .repeat(cell, 2).ravel()
+    same = obj[u] == obj[v]
+    mean = np.where(same, rng.beta(8, 2, len(u)), rng.beta(2, 8, len(u)))
+    count = rng.integers(1, 40, len(u))
+    edges = pd.DataFrame({"u": u, "v": v, "count": count, "sum": mean * count,
+                          "max": np.minimum(mean + rng.uniform(0, 0.1, len(u)), 1.0)})
+    return edges.sort_values(["u", "v"]).reset_index(drop=True), ids
+
+
+def octree(ids: np.ndarray, leaf: int):
+    """leaf_of (fragment -> leaf block of leaf^3 fragments) and the parents of each level up to
+    one root (2 x 2 x 2 children per node)."""
+    n = ids.shape[0]
+    z, y, x = np.meshgrid(*[np.arange(n)] * 3, indexing="ij")
+    k = n // leaf
+    leaf_of = np.zeros(ids.size + 1, np.int64)
+    leaf_of[ids.ravel()] = ((z // leaf) * k * k + (y // leaf) * k + x // leaf).ravel()
+    parents = []
+    while k > 1:
+        i = np.arange(k ** 3)
+        h = (k + 1) // 2
+        parents.append((i // (k * k) // 2) * h * h + ((i // k) % k // 2) * h + (i % k) // 2)
+        k = h
+    return leaf_of, parents
+
+
+@pytest.mark.parametrize("scoring", [
+    MEAN,
+    pytest.param(QUANTILE, marks=pytest.mark.xfail(strict=True, reason=(
+        "open (issue 13): with the quantile's 256 score levels, 2 of 6 seeds differ from the "
+        "global merge (up to 0.018 VOI at one threshold of 41; with 4096 bins, or with the "
+        "mean on 16 quantised levels, all are identical): the hierarchy breaks some ties among "
+        "equal quantile scores in another order; not yet explained"))),
+])
+@pytest.mark.parametrize("leaf", [2, 4, 8])
+def test_same_segmentation_as_the_global_merge(scoring, leaf):
+    s = parse(scoring)
+    for seed in range(3):
+        edges, ids = object_grid(16, 4, seed)
+        ref = agglomerate_graph_python(edges, ids.size, s, 0.6)
+        leaf_of, parents = octree(ids, leaf)
+        got, largest = hierarchical_merge(NodeGraph.from_edges(edges, s), ids.size, s, 0.6,
+                                          leaf_of, parents)
+        assert len(parents) == int(np.log2(16 // leaf)) and len(largest) == len(parents) + 1
+        assert largest[0] < len(edges)  # the leaves split the work
+        worst = 0.0
+        for t in np.linspace(0.2, 0.6, 41):
+            a, b = ref.lut(t)[1:], got.lut(t)[1:]
+            worst = max(worst, evaluate(a.reshape(1, 1, -1), b.reshape(1, 1, -1)).voi)
+        assert len(np.unique(ref.lut(0.6))) > 1
+        if scoring == MEAN:  # continuous scores: identical, levels up to the rounding of sums
+            assert worst == 0, seed           # added in another order
+            np.testing.assert_allclose(np.sort(got.level), np.sort(ref.level), rtol=0,
+                                       atol=1e-12)
+        else:
+            assert worst == 0, (seed, worst)
+
+
+def test_the_hierarchy_must_end_in_one_root():
+    edges, ids = object_grid(4, 2, 0)
+    leaf_of, parents = octree(ids, 2)
+    with pytest.raises(ValueError, match="one node"):
+        hierarchical_merge(NodeGraph.from_edges(edges, parse(MEAN)), ids.size, parse(MEAN),
+                           0.6, leaf_of, [])
