@@ -9,15 +9,16 @@ go up to the parent together with the edges that leave the node. The root has no
 finishes the merge.
 
 Why this gives the global result. The queue's popped scores never decrease (a merged edge scores
-between its two parts, and the lower one is kept), so a merge's level is its own score, and a
-non-frozen segment's edges and statistics depend only on merges inside the node, which happen in
-the global order. The edge index of the global merge is replaced by the edge's original
-``(u, v)`` pair (``key``): the same order without knowing the whole graph. Measured
-(tests/agglomerate/test_hierarchy.py): with the mean scoring, also on scores quantised to 16
-levels, the segmentations are identical at every threshold and the levels equal up to the
-rounding of sums added in another order; with the quantile on 256 bins, 2 of 6 random graphs
-differ (at most 0.018 VOI at one threshold), and with 4096 bins none does. Why ties among the
-quantile's levels change the result is not explained yet.
+at least the lower of its two parts, which is the one kept), so a merge's level is its own
+score. A non-frozen segment's edges and statistics depend only on merges inside the node, which
+happen in the global order. Ties need two more facts, both provided by the global merge
+(``merge.py``): an edge is queued by its *key*, the smallest original (u, v) pair among its
+parts, which the node knows without the whole graph; and a merged edge's key, stored score and
+statistics depend only on its parts, not on the order they were merged in (which differs here:
+a frozen segment's edges merge with one another only in the parent). Measured
+(tests/agglomerate/test_hierarchy.py): the segmentations are identical at every threshold for
+the mean and for the quantile on 256 bins, and the levels equal up to the rounding of sums
+added in another order.
 
 This module is the in-memory reference of the node step (:func:`merge_node`) and of the whole
 reduction (:func:`hierarchical_merge`); the blockwise stage runs the same step per node.
@@ -98,7 +99,7 @@ def merge_node(graph: NodeGraph, frozen: set, scoring: Scoring, max_threshold: f
     E = len(graph)
     eu, ev = list(graph.u), list(graph.v)
     state, score, stale = list(graph.state), list(graph.score), list(graph.stale)
-    key = graph.key
+    key = list(graph.key)
     deleted = [False] * E
     adj: dict[int, dict[int, int]] = {}
     for e in range(E):
@@ -109,9 +110,9 @@ def merge_node(graph: NodeGraph, frozen: set, scoring: Scoring, max_threshold: f
     merges = []
     level = -np.inf
     while heap and heap[0][0] < max_threshold:
-        s, _, e = heapq.heappop(heap)
+        s, k, e = heapq.heappop(heap)
         level = max(level, s)
-        if deleted[e]:
+        if deleted[e] or k != key[e]:
             continue
         if stale[e]:
             score[e] = scoring.score(state[e])
@@ -142,6 +143,9 @@ def merge_node(graph: NodeGraph, frozen: set, scoring: Scoring, max_threshold: f
                 keep, drop = eb, ea
                 eu[keep], ev[keep] = (a, n) if a < n else (n, a)
             scoring.merge(state[keep], state[drop])
+            if key[drop] < key[keep]:
+                key[keep] = key[drop]
+                heapq.heappush(heap, (score[keep], key[keep], keep))
             state[drop] = None
             deleted[drop] = True
             stale[keep] = True

@@ -7,17 +7,22 @@ The algorithm follows waterz's ``IterativeRegionMerging`` (``mergeUntil``):
   scored) is re-scored and queued again, not merged;
 - otherwise its two regions merge. Each edge of the absorbed region either moves to the
   surviving region or, when the surviving region already has an edge to the same neighbour,
-  the two edges merge: statistics add into the one with the lower current score (on a tie,
-  the lower edge index; waterz keeps the absorbed region's edge), which is marked stale; the
-  other is deleted. Which region survives therefore never changes the result;
+  the two edges merge: statistics add into the one with the lower current (score, key),
+  which is marked stale and takes the smaller key of the two (queued again at once under the
+  new key when that is smaller, its old entry skipped); the other is deleted;
 - merging stops when the queue's lowest score reaches the threshold.
 
 One pass up to the largest threshold serves all thresholds: each merge is recorded with its
 *level*, the largest score popped so far. waterz, run threshold by threshold on the same queue,
 stops for threshold t at the first popped score >= t, so its segmentation at t is exactly the
-merges whose level is < t. Ties in score are broken by edge index (edges sorted by (u, v)),
-which makes the result a pure function of the graph; waterz breaks ties in heap order, so on
-the same graph the two can differ where equal scores compete (measured in the tests).
+merges whose level is < t. Ties in score are broken by the edge's *key*: its index in (u, v)
+order, and for a merged edge the smallest index among its parts. The key, the stored score
+(the lowest of the parts') and the statistics of a merged edge therefore depend only on which
+fragment pairs it holds, never on which region survived or on the order edges were merged in,
+and the queue always orders an edge by its current key: the result is a pure function of the
+graph, which the hierarchical merge (``hierarchy.py``) reproduces node by node. waterz breaks
+ties in heap order and keeps the absorbed region's edge, so on the same graph the two can
+differ where equal scores compete (measured in the tests).
 
 Two implementations with the identical merge history: the compiled one (``merge_cpu.cpp``, built
 once with torch's extension builder like the fused scan; flat arrays) is used whenever it
@@ -191,20 +196,21 @@ def agglomerate_graph_python(edges: pd.DataFrame, n_fragments: int, scoring: Sco
     for e in range(E):
         adj[eu[e]][ev[e]] = e
         adj[ev[e]][eu[e]] = e
-    heap = [(score[e], e) for e in range(E)]
+    key = list(range(E))  # tie-break: the smallest edge index among the merged edges
+    heap = [(score[e], e, e) for e in range(E)]
     heapq.heapify(heap)
     mu, mv, ml = [], [], []
     level = -np.inf
     bar = tqdm(total=n_fragments, desc="agglomerate", unit="merge", disable=None, leave=False)
     while heap and heap[0][0] < max_threshold:
-        s, e = heapq.heappop(heap)
+        s, k, e = heapq.heappop(heap)
         level = max(level, s)
-        if deleted[e]:
+        if deleted[e] or k != key[e]:  # gone, or an entry replaced when its key went down
             continue
         if stale[e]:
             score[e] = scoring.score(state[e])
             stale[e] = False
-            heapq.heappush(heap, (score[e], e))
+            heapq.heappush(heap, (score[e], key[e], e))
             continue
         a, b = eu[e], ev[e]
         if len(adj[a]) < len(adj[b]):  # absorb the region with fewer neighbours (speed; the
@@ -224,12 +230,15 @@ def agglomerate_graph_python(edges: pd.DataFrame, n_fragments: int, scoring: Sco
                 adj[n][a] = eb
                 eu[eb], ev[eb] = (a, n) if a < n else (n, a)
                 continue
-            if (score[eb], eb) > (score[ea], ea):  # keep the edge with the lower score
+            if (score[eb], key[eb]) > (score[ea], key[ea]):  # keep the lower score
                 keep, drop = ea, eb
-            else:  # ties: the lower edge index (which does not depend on which region survives)
+            else:
                 keep, drop = eb, ea
                 eu[keep], ev[keep] = (a, n) if a < n else (n, a)
             scoring.merge(state[keep], state[drop])
+            if key[drop] < key[keep]:  # queue it by its new key at once
+                key[keep] = key[drop]
+                heapq.heappush(heap, (score[keep], key[keep], keep))
             state[drop] = None
             deleted[drop] = True
             stale[keep] = True

@@ -6,11 +6,12 @@
 //   - a deleted edge is skipped; a stale edge is re-scored and pushed again;
 //   - otherwise its regions merge: the one with fewer live neighbours is absorbed; each of its
 //     edges moves to the survivor or, when the survivor already has an edge to that neighbour,
-//     the two merge: statistics add into the edge with the lower current score (on a tie, the
-//     lower edge index), which becomes stale; the other is deleted.
+//     the two merge: statistics add into the edge with the lower current (score, key), which
+//     becomes stale and takes the smaller key of the two (queued again under it when that is
+//     smaller; the old entry is skipped); the other is deleted. A key is an edge index.
 //
 // Everything is held in flat arrays (struct of arrays), never one object per edge:
-//   edges        eu, ev (int64), score (double), stale/deleted (uint8)          26 B per edge
+//   edges        eu, ev, key (int64), score (double), stale/deleted (uint8)     34 B per edge
 //   mean state   sum (double), count (int64)                                    16 B per edge
 //   quantile     total (int64), offset (int64), length (int32) into a pool of
 //                (bin int32, count int64) pairs, compacted when half garbage   20 B per edge
@@ -18,7 +19,7 @@
 //   adjacency    incident edge ids per fragment (int64, deleted ids dropped lazily)
 //                                                                  16 B per edge (+24 B per node)
 //   edge lookup  open-addressing table (u, v) -> edge, load 1/3..1/2  32-48 B per edge
-//   heap         4-ary heap of (score, edge) pairs, one per live edge    16 B per edge
+//   heap         4-ary heap of (score, key, edge), one or two per live edge  24-48 B per edge
 // about 140-150 B per edge for the mean scoring (a Python dict-and-list graph takes about 1 kB).
 // Scores are computed in double with the same operations as the Python code (no fast-math), so
 // the popped order, and therefore the merge history, is identical.
@@ -89,7 +90,13 @@ class EdgeTable {  // (u, v) with u < v < 2^32 -> edge id; linear probing with t
 
 class Heap {  // 4-ary min-heap of (score, edge): a node's children share one cache line
  public:
-  using Item = std::pair<double, i64>;  // ties broken by edge index: a total order
+  struct Item {  // (score, key) orders; the edge rides along
+    double score;
+    i64 key, e;
+    bool operator<(const Item &o) const {
+      return score < o.score || (score == o.score && (key < o.key || (key == o.key && e < o.e)));
+    }
+  };
   explicit Heap(std::vector<Item> items) : h_(std::move(items)) {
     for (i64 i = ((i64)h_.size() - 2) / 4; i >= 0; --i) down(i);
   }
@@ -134,6 +141,7 @@ class Heap {  // 4-ary min-heap of (score, edge): a node's children share one ca
 struct Graph {
   std::vector<i64> eu, ev;
   std::vector<double> score;
+  std::vector<i64> key;  // tie-break: the smallest edge index among the merged parts
   std::vector<uint8_t> stale, deleted;
   bool mean;
   // mean
@@ -209,6 +217,8 @@ std::vector<torch::Tensor> merge(torch::Tensor eu_t, torch::Tensor ev_t, int64_t
   g.ev.assign(ptr<i64>(ev_t), ptr<i64>(ev_t) + E);
   g.stale.assign(E, 0);
   g.deleted.assign(E, 0);
+  g.key.resize(E);
+  for (i64 e = 0; e < E; ++e) g.key[e] = e;
   g.mean = kind == 0;
   if (g.mean) {
     g.sum.assign(ptr<double>(sums), ptr<double>(sums) + E);
@@ -242,7 +252,7 @@ std::vector<torch::Tensor> merge(torch::Tensor eu_t, torch::Tensor ev_t, int64_t
     table.insert(EdgeTable::key(g.eu[e], g.ev[e]), e);
   }
   std::vector<Heap::Item> items(E);
-  for (i64 e = 0; e < E; ++e) items[e] = {g.score[e], e};
+  for (i64 e = 0; e < E; ++e) items[e] = {g.score[e], e, e};
   Heap heap(std::move(items));
   std::vector<i64> mu, mv;
   std::vector<double> ml;
@@ -251,15 +261,16 @@ std::vector<torch::Tensor> merge(torch::Tensor eu_t, torch::Tensor ev_t, int64_t
   struct Work { i64 eb, n; uint64_t kb, ka; };
   std::vector<Work> work;
 
-  while (!heap.empty() && heap.top().first < max_threshold) {
-    const auto [s, e] = heap.top();
+  while (!heap.empty() && heap.top().score < max_threshold) {
+    const Heap::Item top = heap.top();
+    const i64 e = top.e;
     heap.pop();
-    level = std::max(level, s);
-    if (g.deleted[e]) continue;
+    level = std::max(level, top.score);
+    if (g.deleted[e] || top.key != g.key[e]) continue;  // gone, or queued again under a new key
     if (g.stale[e]) {
       g.score[e] = g.rescore(e);
       g.stale[e] = 0;
-      heap.push({g.score[e], e});
+      heap.push({g.score[e], g.key[e], e});
       continue;
     }
     i64 a = g.eu[e], b = g.ev[e];
@@ -298,8 +309,8 @@ std::vector<torch::Tensor> merge(torch::Tensor eu_t, torch::Tensor ev_t, int64_t
         continue;
       }
       i64 keep, drop;
-      if (g.score[eb] > g.score[ea] || (g.score[eb] == g.score[ea] && eb > ea)) {
-        keep = ea;  // keep the edge with the lower score (on a tie, the lower index)
+      if (g.score[eb] > g.score[ea] || (g.score[eb] == g.score[ea] && g.key[eb] > g.key[ea])) {
+        keep = ea;  // keep the edge with the lower (score, key)
         drop = eb;
       } else {  // b's edge is kept and moved to a
         keep = eb;
@@ -313,6 +324,10 @@ std::vector<torch::Tensor> merge(torch::Tensor eu_t, torch::Tensor ev_t, int64_t
       g.add_into(keep, drop);
       g.deleted[drop] = 1;
       g.stale[keep] = 1;
+      if (g.key[drop] < g.key[keep]) {  // queue it by its new key at once
+        g.key[keep] = g.key[drop];
+        heap.push({g.score[keep], g.key[keep], keep});
+      }
       --deg[n];
     }
     deg[b] = 0;
