@@ -38,6 +38,7 @@ import pandas as pd
 import zarr
 
 from tokenunify.agglomerate import fragments as fr
+from tokenunify.agglomerate import levels as lv
 from tokenunify.agglomerate.graph import block_edges, reduce_edges, reduce_histograms, stitch
 from tokenunify.agglomerate.merge import MergeHistory, agglomerate_graph
 from tokenunify.agglomerate.reference import waterz_segmentations
@@ -75,6 +76,8 @@ class AgglomerateConfig:
     discretize_queue: waterz's queue binning (method waterz only). stitch_threshold: fragments
     split by a tile edge are joined first when the mean affinity across the cut is at least this
     (None: never), so that they enter the merge as the one fragment they would have been.
+    hierarchy: None (one global merge) or children per node (z, y, x) of the hierarchical merge
+    (:mod:`tokenunify.agglomerate.levels`).
     """
 
     thresholds: tuple = (0.3, 0.5, 0.7)
@@ -89,6 +92,7 @@ class AgglomerateConfig:
     scheduler: str = "threads"
     discretize_queue: int = 0
     stitch_threshold: float | None = 0.5
+    hierarchy: tuple | None = None
     dask: DaskConfig = field(default_factory=DaskConfig)
     batch_blocks: int | None = None
 
@@ -115,6 +119,14 @@ class AgglomerateConfig:
             raise ValueError(f"agglomerate.block {list(self.block)}: y and x must be multiples "
                              f"of agglomerate.tile ({self.tile}), so that fragments do not "
                              f"depend on the block grid")
+        if self.hierarchy is not None:
+            self.hierarchy = tuple(int(f) for f in self.hierarchy)
+            lv.level_grids((1, 1, 1), self.hierarchy)  # checks the fan-out
+            if self.stitch_threshold is not None:
+                raise ValueError("agglomerate.hierarchy needs agglomerate.stitch_threshold: null "
+                                 "(joining fragments across tile edges is a global step)")
+            if self.method != "blockwise":
+                raise ValueError("agglomerate.hierarchy works with method 'blockwise' only")
         if self.method == "blockwise" and self.block[0] % self.tile_depth:
             raise ValueError(f"agglomerate.block {list(self.block)}: z must be a multiple of "
                              f"agglomerate.tile_z ({self.tile_z}) with fragments 'waterz', so "
@@ -203,6 +215,11 @@ def _edges_task(aff_path, scale, out, work, idx, box, tile, offsets, hist_bins, 
     if hist is not None:
         hist.to_parquet(Path(work) / "edges" / f"{name}.hist.parquet")
     _mark(Path(work), "edges", idx)
+
+
+def _level_task(work, level, node, grids, fanout, frag_blocks, scoring, max_threshold):
+    lv.node_task(work, level, node, grids, fanout, frag_blocks, scoring, max_threshold)
+    _mark(Path(work), f"level{level}", node)
 
 
 def _relabel_task(out, work, idx, box, tile, offsets, luts: dict, tile_z=1):
@@ -307,8 +324,15 @@ class _Blockwise:
         if saved.exists():
             with np.load(saved) as h:
                 return MergeHistory(h["u"], h["v"], h["level"], int(h["n"]), h["pre"])
-        _, n_frag = self.offsets()
+        offsets, n_frag = self.offsets()
         self.edges(self.grid)
+        if self.cfg.hierarchy is not None:
+            history = self._levels(offsets, n_frag)
+            tmp = self.work / f"history.{os.getpid()}.tmp.npz"
+            np.savez(tmp, u=history.u, v=history.v, level=history.level, n=history.n_fragments,
+                     pre=history.pre)
+            tmp.replace(saved)
+            return history
         work, hist_bins = self.work, self.scoring.needs_histogram
         edges = reduce_edges([pd.read_parquet(p) for p in sorted((work / "edges").glob("*_*.parquet"))
                               if not p.name.endswith(".hist.parquet")])
@@ -325,6 +349,29 @@ class _Blockwise:
         np.savez(tmp, u=history.u, v=history.v, level=history.level, n=history.n_fragments,
                  pre=pre)
         tmp.replace(saved)
+        return history
+
+    def _levels(self, offsets, n_frag: int) -> MergeHistory:
+        """The hierarchical merge: one Dask task per node, level by level, each skipped when
+        its done marker exists (:mod:`tokenunify.agglomerate.levels`)."""
+        import itertools
+
+        from dask import delayed
+
+        c = self.cfg
+        grid0 = tuple(max(i[k] for i, _ in self.grid) + 1 for k in range(3))
+        grids = lv.level_grids(grid0, c.hierarchy)
+        frag_blocks = lv.FragmentBlocks(offsets, c.tile, c.tile_depth, c.block, n_frag)
+        for level, grid in enumerate(grids):
+            todo = [n for n in itertools.product(*(range(g) for g in grid))
+                    if not _marker(self.work, f"level{level}", n).exists()]
+            self._run([delayed(_level_task, pure=False)(str(self.work), level, n, grids,
+                                                       c.hierarchy, frag_blocks, self.scoring,
+                                                       max(c.thresholds))
+                       for n in todo], f"merge level {level}")
+        history = lv.collect(self.work, grids, n_frag)
+        history.pre = np.arange(n_frag + 1, dtype=np.uint64)
+        log.info("hierarchical merge: %d levels, %d merges", len(grids), len(history.u))
         return history
 
     def relabel(self, subset) -> MergeHistory:

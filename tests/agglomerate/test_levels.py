@@ -1,0 +1,85 @@
+"""The hierarchical merge on disk (agglomerate.hierarchy): the same segmentation as the flat
+global merge, resume after a killed level, and bad input named."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import zarr
+
+from tests.agglomerate.test_agglomerate import MEAN, THRESHOLDS, synthetic  # noqa: F401
+from tokenunify.agglomerate import AgglomerateConfig, run, threshold_name
+from tokenunify.agglomerate import levels as lv
+from tokenunify.agglomerate.scoring import DEFAULT
+
+
+def segment(path, out, **kw):
+    cfg = AgglomerateConfig(block=(8, 64, 64), tile=64, context=16, thresholds=THRESHOLDS,
+                            stitch_threshold=None, **kw)
+    root = zarr.open_group(str(run(path, out, cfg)), mode="r")
+    return {t: root[threshold_name(t)][:] for t in THRESHOLDS}
+
+
+@pytest.mark.parametrize("scoring", [DEFAULT, MEAN])
+def test_hierarchy_gives_the_flat_result(synthetic, tmp_path, scoring):  # noqa: F811
+    """3 x 2 x 2 blocks under an octree (3 levels) and under [3, 2, 2] (leaves and a root): the
+    segmentations equal the flat merge's at every threshold, voxel for voxel."""
+    _, path, _ = synthetic
+    flat = segment(path, tmp_path / "flat.zarr", scoring=scoring)
+    for fan in ([2, 2, 2], [3, 2, 2]):
+        hier = segment(path, tmp_path / f"h{fan[0]}.zarr", scoring=scoring, hierarchy=fan)
+        for t in THRESHOLDS:
+            assert np.array_equal(flat[t], hier[t]), (fan, t)
+            assert len(np.unique(flat[t])) > 3
+
+
+def test_killed_level_resumes_to_the_same_result(synthetic, tmp_path, monkeypatch):  # noqa: F811
+    _, path, _ = synthetic
+    whole = segment(path, tmp_path / "a.zarr", hierarchy=[2, 2, 2])
+    real, calls = lv.node_task, []
+
+    def dying(work, level, node, *a, **k):
+        if level == 1 and len(calls) >= 1:
+            raise RuntimeError("killed")
+        calls.append((level, node)) if level == 1 else None
+        return real(work, level, node, *a, **k)
+
+    monkeypatch.setattr(lv, "node_task", dying)
+    cfg = dict(hierarchy=[2, 2, 2])
+    with pytest.raises(RuntimeError, match="killed"):
+        segment(path, tmp_path / "b.zarr", **cfg)
+    done0 = list((tmp_path / "b.zarr.partial" / ".work" / ".done" / "level0").iterdir())
+    assert len(done0) == 12  # every block of level 0 finished before level 1 started
+    monkeypatch.setattr(lv, "node_task", real)
+    again = segment(path, tmp_path / "b.zarr", **cfg)
+    for t in THRESHOLDS:
+        assert np.array_equal(whole[t], again[t]), t
+
+
+def test_bad_hierarchies_and_tables_are_named(synthetic, tmp_path):  # noqa: F811
+    _, path, _ = synthetic
+    with pytest.raises(ValueError, match=r"hierarchy \[2, 2\]"):
+        AgglomerateConfig(hierarchy=[2, 2], stitch_threshold=None)
+    with pytest.raises(ValueError, match="not all 1"):
+        AgglomerateConfig(hierarchy=[1, 1, 1], stitch_threshold=None)
+    with pytest.raises(ValueError, match="y has 2 blocks but 1 child per node"):
+        lv.level_grids((3, 2, 2), (3, 1, 1))
+    with pytest.raises(ValueError, match="stitch_threshold: null"):
+        AgglomerateConfig(hierarchy=[2, 2, 2])
+    # an edge table naming a fragment above the fragment count
+    cfg = AgglomerateConfig(block=(8, 64, 64), tile=64, context=16, thresholds=THRESHOLDS,
+                            stitch_threshold=None, hierarchy=[2, 2, 2])
+    run(path, tmp_path / "c.zarr", cfg, phase="edges")
+    edges_dir = tmp_path / "c.zarr.partial" / ".work" / "edges"
+    table = edges_dir / "1_0_1.parquet"
+    e = pd.read_parquet(table)
+    e.loc[e.index[0], "v"] = 10 ** 9
+    e.to_parquet(table)
+    with pytest.raises(ValueError, match=r"edge table of block \[1, 0, 1\] has edge "
+                                         r"\(\d+, 1000000000\); ids must satisfy"):
+        run(path, tmp_path / "c.zarr", cfg)
+    # a missing edge table
+    table.unlink()
+    with pytest.raises(FileNotFoundError, match=r"edge table of block \[1, 0, 1\] is missing"):
+        run(path, tmp_path / "c.zarr", cfg)
