@@ -83,3 +83,39 @@ def test_bad_hierarchies_and_tables_are_named(synthetic, tmp_path):  # noqa: F81
     table.unlink()
     with pytest.raises(FileNotFoundError, match=r"edge table of block \[1, 0, 1\] is missing"):
         run(path, tmp_path / "c.zarr", cfg)
+
+
+@pytest.mark.parametrize("scoring", [DEFAULT, MEAN])
+def test_compiled_node_step_equals_the_python_one(scoring):
+    """The node step in C++ (merge_cpu.cpp with keys, stored scores, stale flags and a frozen
+    mask) against hierarchy.merge_node: the same merges and the same residual table, on random
+    graphs with tied scores, stale edges and random frozen segments."""
+    from tests.agglomerate.test_merge_compiled import random_graph
+    from tokenunify.agglomerate.hierarchy import NodeGraph
+    from tokenunify.agglomerate.merge import compiled_extension
+    from tokenunify.agglomerate.scoring import parse
+
+    if compiled_extension() is None:
+        pytest.skip("the compiled merge does not build here")
+    s = parse(scoring)
+    for seed in range(8):
+        edges, _ = random_graph(120, 480, seed)
+        edges = edges.sort_values(["u", "v"]).reset_index(drop=True)
+        df, hist = lv._to_frames(NodeGraph.from_edges(edges, s), s)
+        rng = np.random.default_rng(seed)
+        stale = rng.random(len(df)) < 0.2  # handed up stale, with a lower stored score
+        df.loc[stale, "score"] -= 0.05
+        df["stale"] = stale
+        frozen = set(rng.choice(np.arange(1, 121), 10, replace=False).tolist())
+        got = lv.merge_frames(df, hist, set(frozen), s, 0.8, engine="compiled")
+        ref = lv.merge_frames(df, hist, set(frozen), s, 0.8, engine="python")
+        assert got[0] == ref[0] and len(got[0]) > 10, seed
+        cols = list(ref[1].columns)
+        a = got[1][cols].sort_values(["k0", "k1"]).reset_index(drop=True)
+        b = ref[1][cols].sort_values(["k0", "k1"]).reset_index(drop=True)
+        assert len(b) > 0
+        pd.testing.assert_frame_equal(a, b, check_dtype=False)
+        if scoring == DEFAULT:
+            ha = got[2].sort_values(["k0", "k1", "bin"]).reset_index(drop=True)
+            hb = ref[2].sort_values(["k0", "k1", "bin"]).reset_index(drop=True)
+            pd.testing.assert_frame_equal(ha, hb, check_dtype=False)

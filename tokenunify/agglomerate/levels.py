@@ -144,6 +144,66 @@ def _block_graph(edges_dir: Path, idx, grid, scoring: Scoring, n_fragments: int
     return e, (pd.concat(hists, ignore_index=True) if hists else None)
 
 
+def merge_frames(df: pd.DataFrame, hist: pd.DataFrame | None, frozen: set, scoring: Scoring,
+                 max_threshold: float, engine: str = "auto"
+                 ) -> tuple[list, pd.DataFrame, pd.DataFrame | None]:
+    """:func:`~tokenunify.agglomerate.hierarchy.merge_node` on a level table: (merges, residual
+    table, residual histograms). Runs the compiled kernel (``merge_cpu.cpp``, the same one as
+    the global merge) unless it is unavailable or ``engine`` is 'python'. ``frozen`` is read,
+    not updated."""
+    from tokenunify.agglomerate.merge import compiled_extension
+
+    ext = None if engine == "python" else compiled_extension()
+    if ext is None or len(df) == 0:
+        merges, residual = merge_node(_from_frames(df, hist, scoring), frozen, scoring,
+                                      max_threshold)
+        rdf, rh = _to_frames(residual, scoring)
+        return merges, rdf, rh
+    import torch
+
+    u, v = df["u"].to_numpy(np.int64), df["v"].to_numpy(np.int64)
+    k0, k1 = df["k0"].to_numpy(np.int64), df["k1"].to_numpy(np.int64)
+    n = int(max(u.max(), v.max()))
+    if n >= 2**31 or k0.max() >= 2**31 or k1.max() >= 2**31:
+        raise ValueError(f"the compiled node merge takes ids < 2^31, not {max(n, k1.max())}")
+    key = (k0 << 32) | k1  # orders as the (k0, k1) pair
+    mask = np.zeros(n + 1, np.uint8)
+    ids = np.fromiter((x for x in frozen if x <= n), np.int64)
+    mask[ids] = 1
+
+    def t(a):
+        return torch.from_numpy(np.require(a, requirements=["C", "W"]))
+
+    zi, zf = np.zeros(0, np.int64), np.zeros(0, np.float64)
+    sums, counts, off, hbin, hcnt = zf, zi, np.zeros(len(df) + 1, np.int64), \
+        np.zeros(0, np.int32), zi
+    if scoring.kind == "mean":
+        sums, counts = df["sum"].to_numpy(np.float64), df["count"].to_numpy(np.int64)
+    else:
+        rows = pd.DataFrame({"k0": k0, "k1": k1, "edge": np.arange(len(df))})
+        h = hist.merge(rows, on=["k0", "k1"], how="inner").sort_values(["edge", "bin"])
+        off[1:] = np.cumsum(np.bincount(h["edge"].to_numpy(), minlength=len(df)))
+        hbin, hcnt = h["bin"].to_numpy(np.int32), h["n"].to_numpy(np.int64)
+    out = ext.merge(t(u), t(v), 0 if scoring.kind == "mean" else 1, t(sums), t(counts), t(off),
+                    t(hbin), t(hcnt), scoring.quantile, scoring.bins, n, float(max_threshold),
+                    t(key), t(df["score"].to_numpy(np.float64)),
+                    t(df["stale"].to_numpy().astype(np.uint8)), t(mask))
+    out = [x.numpy() for x in out]
+    merges = list(zip(out[0].tolist(), out[1].tolist(), out[2].tolist(), strict=True))
+    rk = out[6]
+    rdf = pd.DataFrame({"u": out[4], "v": out[5], "k0": rk >> 32, "k1": rk & (2**32 - 1),
+                        "score": out[7], "stale": out[8].astype(bool)})
+    if scoring.kind == "mean":
+        rdf["sum"], rdf["count"] = out[9], out[10]
+        return merges, rdf, None
+    roff = out[9]
+    lens = np.diff(roff)
+    rh = pd.DataFrame({"k0": np.repeat(rdf["k0"].to_numpy(), lens),
+                       "k1": np.repeat(rdf["k1"].to_numpy(), lens),
+                       "bin": out[10].astype(np.int64), "n": out[11]})
+    return merges, rdf, rh
+
+
 def node_task(work: str, level: int, node, grids, fanout, frag_blocks: FragmentBlocks,
               scoring: Scoring, max_threshold: float) -> None:
     """Merge one node of one level (see the module docstring) and mark it done."""
@@ -194,11 +254,10 @@ def node_task(work: str, level: int, node, grids, fanout, frag_blocks: FragmentB
              if hs else None)
     hu, hv = home(df["u"].to_numpy()), home(df["v"].to_numpy())
     inside = (hu == node).all(axis=1) & (hv == node).all(axis=1)
-    graph = _from_frames(df[inside], h, scoring)
     leaving = df[~inside]
     frozen = set(leaving["u"].tolist()) | set(leaving["v"].tolist())
-    merges, residual = merge_node(graph, frozen, scoring, max_threshold)
-    rdf, rh = _to_frames(residual, scoring)
+    merges, rdf, rh = merge_frames(df[inside].reset_index(drop=True), h, frozen, scoring,
+                                   max_threshold)
     result = pd.concat([rdf, leaving[rdf.columns]], ignore_index=True)
     base = out / _name(level, node)
     out.mkdir(parents=True, exist_ok=True)

@@ -153,9 +153,12 @@ def agglomerate_graph(edges: pd.DataFrame, n_fragments: int, scoring: Scoring,
     def t(a):  # zero-copy unless pandas handed out a read-only view
         return torch.from_numpy(np.require(a, requirements=["C", "W"]))
 
+    none_i, none_f, none_b = (torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.float64),
+                              torch.zeros(0, dtype=torch.uint8))
     mu, mv, ml = ext.merge(t(u), t(v), 0 if scoring.kind == "mean" else 1, t(sums), t(counts),
                            t(off), t(hbin), t(hcnt), scoring.quantile, scoring.bins,
-                           int(n_fragments), float(max_threshold))
+                           int(n_fragments), float(max_threshold), none_i, none_f, none_b,
+                           none_b)[:3]
     log.info("agglomerated %d fragments, %d edges (compiled): %d merges below %.3f",
              n_fragments, E, len(mu), max_threshold)
     return MergeHistory(mu.numpy().astype(np.uint64), mv.numpy().astype(np.uint64),

@@ -203,14 +203,22 @@ struct Graph {
 template <typename T>
 T *ptr(const torch::Tensor &t) { return t.data_ptr<T>(); }
 
-// eu, ev: int64 (E,), sorted by (u, v), u < v, ids in 1..n_fragments. kind 0: mean (sums
-// float64, counts int64); kind 1: quantile (histograms as CSR: hist_off int64 (E+1,), hist_bin
-// int32, hist_cnt int64, each edge's bins sorted and distinct). Returns (u, v, level) of the
-// merges in order: int64, int64, float64.
+// eu, ev: int64 (E,), u < v, ids in 1..n_fragments. kind 0: mean (sums float64, counts int64);
+// kind 1: quantile (histograms as CSR: hist_off int64 (E+1,), hist_bin int32, hist_cnt int64,
+// each edge's bins sorted and distinct). keys int64 (E,): the tie-break of each edge (empty:
+// its index, for edges sorted by (u, v)); scores float64 and stale uint8 (E,): the stored
+// scores and flags of edges handed up by a hierarchy node (empty: scored here, all fresh);
+// frozen uint8 (n_fragments + 1,): the segments frozen in a hierarchy node (empty: none).
+// Returns (u, v, level) of the merges in order (int64, int64, float64), then the residual (the
+// live edges with a frozen end, empty without frozen): input index, u, v, key (int64), score
+// (float64), stale (uint8), and sum (float64), count (int64) for the mean or hist_off, hist_bin,
+// hist_cnt for the quantile.
 std::vector<torch::Tensor> merge(torch::Tensor eu_t, torch::Tensor ev_t, int64_t kind,
                                  torch::Tensor sums, torch::Tensor counts, torch::Tensor hist_off,
                                  torch::Tensor hist_bin, torch::Tensor hist_cnt, int64_t quantile,
-                                 int64_t bins, int64_t n_fragments, double max_threshold) {
+                                 int64_t bins, int64_t n_fragments, double max_threshold,
+                                 torch::Tensor keys, torch::Tensor scores, torch::Tensor stale,
+                                 torch::Tensor frozen_t) {
   const i64 E = eu_t.numel();
   Graph g;
   g.eu.assign(ptr<i64>(eu_t), ptr<i64>(eu_t) + E);
@@ -218,7 +226,7 @@ std::vector<torch::Tensor> merge(torch::Tensor eu_t, torch::Tensor ev_t, int64_t
   g.stale.assign(E, 0);
   g.deleted.assign(E, 0);
   g.key.resize(E);
-  for (i64 e = 0; e < E; ++e) g.key[e] = e;
+  for (i64 e = 0; e < E; ++e) g.key[e] = keys.numel() ? ptr<i64>(keys)[e] : e;
   g.mean = kind == 0;
   if (g.mean) {
     g.sum.assign(ptr<double>(sums), ptr<double>(sums) + E);
@@ -239,7 +247,10 @@ std::vector<torch::Tensor> merge(torch::Tensor eu_t, torch::Tensor ev_t, int64_t
     }
   }
   g.score.resize(E);
-  for (i64 e = 0; e < E; ++e) g.score[e] = g.rescore(e);
+  for (i64 e = 0; e < E; ++e) g.score[e] = scores.numel() ? ptr<double>(scores)[e] : g.rescore(e);
+  if (stale.numel()) g.stale.assign(ptr<uint8_t>(stale), ptr<uint8_t>(stale) + E);
+  std::vector<uint8_t> frozen;
+  if (frozen_t.numel()) frozen.assign(ptr<uint8_t>(frozen_t), ptr<uint8_t>(frozen_t) + n_fragments + 1);
 
   std::vector<std::vector<i64>> adj(n_fragments + 1);
   std::vector<i64> deg(n_fragments + 1, 0);
@@ -252,7 +263,7 @@ std::vector<torch::Tensor> merge(torch::Tensor eu_t, torch::Tensor ev_t, int64_t
     table.insert(EdgeTable::key(g.eu[e], g.ev[e]), e);
   }
   std::vector<Heap::Item> items(E);
-  for (i64 e = 0; e < E; ++e) items[e] = {g.score[e], e, e};
+  for (i64 e = 0; e < E; ++e) items[e] = {g.score[e], g.key[e], e};
   Heap heap(std::move(items));
   std::vector<i64> mu, mv;
   std::vector<double> ml;
@@ -274,6 +285,10 @@ std::vector<torch::Tensor> merge(torch::Tensor eu_t, torch::Tensor ev_t, int64_t
       continue;
     }
     i64 a = g.eu[e], b = g.ev[e];
+    if (!frozen.empty() && (frozen[a] || frozen[b])) {  // waits for the parent node
+      frozen[a] = frozen[b] = 1;
+      continue;
+    }
     if (deg[a] < deg[b]) std::swap(a, b);  // absorb the region with fewer neighbours
     mu.push_back(a);
     mv.push_back(b);
@@ -346,7 +361,43 @@ std::vector<torch::Tensor> merge(torch::Tensor eu_t, torch::Tensor ev_t, int64_t
   };
   auto lev = torch::empty({(i64)ml.size()}, torch::kFloat64);
   std::copy(ml.begin(), ml.end(), lev.data_ptr<double>());
-  return {out_i(mu), out_i(mv), lev};
+  std::vector<i64> re, ru, rv, rk, rc, roff{0}, rcnt;
+  std::vector<double> rs, rsum;
+  std::vector<uint8_t> rst;
+  std::vector<int32_t> rbin;
+  if (!frozen.empty()) {
+    for (i64 e = 0; e < E; ++e) {
+      if (g.deleted[e] || !(frozen[g.eu[e]] || frozen[g.ev[e]])) continue;
+      re.push_back(e); ru.push_back(g.eu[e]); rv.push_back(g.ev[e]); rk.push_back(g.key[e]);
+      rs.push_back(g.score[e]); rst.push_back(g.stale[e]);
+      if (g.mean) { rsum.push_back(g.sum[e]); rc.push_back(g.count[e]); continue; }
+      for (i64 k = g.hoff[e]; k < g.hoff[e] + g.hlen[e]; ++k) {
+        rbin.push_back(g.pbin[k]);
+        rcnt.push_back(g.pcnt[k]);
+      }
+      roff.push_back((i64)rbin.size());
+    }
+  }
+  auto out_d = [](const std::vector<double> &v) {
+    auto t = torch::empty({(i64)v.size()}, torch::kFloat64);
+    std::copy(v.begin(), v.end(), t.data_ptr<double>());
+    return t;
+  };
+  auto st = torch::empty({(i64)rst.size()}, torch::kUInt8);
+  std::copy(rst.begin(), rst.end(), st.data_ptr<uint8_t>());
+  auto bn = torch::empty({(i64)rbin.size()}, torch::kInt32);
+  std::copy(rbin.begin(), rbin.end(), bn.data_ptr<int32_t>());
+  std::vector<torch::Tensor> out{out_i(mu), out_i(mv), lev, out_i(re), out_i(ru), out_i(rv),
+                                 out_i(rk), out_d(rs), st};
+  if (g.mean) {
+    out.push_back(out_d(rsum));
+    out.push_back(out_i(rc));
+  } else {
+    out.push_back(out_i(roff));
+    out.push_back(bn);
+    out.push_back(out_i(rcnt));
+  }
+  return out;
 }
 
 }  // namespace
