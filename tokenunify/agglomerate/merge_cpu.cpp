@@ -285,9 +285,20 @@ std::vector<torch::Tensor> merge(torch::Tensor eu_t, torch::Tensor ev_t, int64_t
       continue;
     }
     i64 a = g.eu[e], b = g.ev[e];
-    if (!frozen.empty() && (frozen[a] || frozen[b])) {  // waits for the parent node
-      frozen[a] = frozen[b] = 1;
-      continue;
+    if (!frozen.empty()) {  // a hierarchy node: the merge may have to wait for the parent
+      bool wait = frozen[a] || frozen[b];
+      for (i64 r : {a, b}) {  // an edge to a frozen segment scored no higher: a tie that the
+        if (wait) break;      // parent may resolve first (see hierarchy.py)
+        for (i64 x : adj[r])
+          if (!g.deleted[x] && frozen[other(x, r)] && g.score[x] <= top.score) {
+            wait = true;
+            break;
+          }
+      }
+      if (wait) {
+        frozen[a] = frozen[b] = 1;
+        continue;
+      }
     }
     if (deg[a] < deg[b]) std::swap(a, b);  // absorb the region with fewer neighbours
     mu.push_back(a);
