@@ -119,3 +119,24 @@ def test_compiled_node_step_equals_the_python_one(scoring):
             ha = got[2].sort_values(["k0", "k1", "bin"]).reset_index(drop=True)
             hb = ref[2].sort_values(["k0", "k1", "bin"]).reset_index(drop=True)
             pd.testing.assert_frame_equal(ha, hb, check_dtype=False)
+
+
+@pytest.mark.parametrize("scoring", [DEFAULT, MEAN, "OneMinus<HistogramQuantileAffinity<"
+                                     "RegionGraphType, 75, ScoreValue, 16, false>>"])
+def test_leaf_tables_are_the_initial_states(scoring):
+    """The vectorised leaf table equals the scoring's own initial states and scores."""
+    from tests.agglomerate.test_merge_compiled import random_graph
+    from tokenunify.agglomerate.hierarchy import NodeGraph
+    from tokenunify.agglomerate.scoring import parse
+
+    s = parse(scoring)
+    edges, hist = random_graph(100, 400, 3)
+    edges = edges.sort_values(["u", "v"]).reset_index(drop=True)
+    got, got_h = lv._leaf_frames(edges, hist if s.needs_histogram else None, s)
+    ref, ref_h = lv._to_frames(NodeGraph.from_edges(edges, s, hist), s)
+    pd.testing.assert_frame_equal(got[list(ref.columns)], ref, check_dtype=False)
+    if ref_h is not None:
+        key = ["k0", "k1", "bin"]
+        pd.testing.assert_frame_equal(got_h.sort_values(key).reset_index(drop=True),
+                                      ref_h.sort_values(key).reset_index(drop=True),
+                                      check_dtype=False)

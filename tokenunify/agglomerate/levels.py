@@ -31,7 +31,7 @@ import pandas as pd
 
 from tokenunify.agglomerate.hierarchy import NodeGraph, merge_node
 from tokenunify.agglomerate.merge import MergeHistory
-from tokenunify.agglomerate.scoring import Scoring
+from tokenunify.agglomerate.scoring import Scoring, discretize
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,39 @@ def _from_frames(df: pd.DataFrame, hist: pd.DataFrame | None, scoring: Scoring) 
                                       df["score"].tolist(), df["stale"].tolist(), strict=True):
         g.add(int(u), int(v), k, st, float(sc), bool(stale))
     return g
+
+
+def _leaf_frames(edges: pd.DataFrame, hist: pd.DataFrame | None, scoring: Scoring
+                 ) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """A reduced edge table (u < v, count, sum, max) as a level table, vectorised: the key is
+    the pair itself, every edge fresh, scored as :class:`~tokenunify.agglomerate.scoring.
+    Scoring` scores its initial state."""
+    u, v = edges["u"].to_numpy(np.int64), edges["v"].to_numpy(np.int64)
+    df = pd.DataFrame({"u": u, "v": v, "k0": u, "k1": v})
+    if scoring.kind == "mean":
+        total, count = edges["sum"].to_numpy(np.float64), edges["count"].to_numpy(np.int64)
+        df["score"] = 1.0 - total / count
+        df["stale"] = False
+        df["sum"], df["count"] = total, count
+        return df, None
+    if scoring.init_with_max:
+        h = pd.DataFrame({"k0": u, "k1": v, "bin": discretize(edges["max"].to_numpy(),
+                                                                scoring.bins),
+                          "n": np.ones(len(u), np.int64)})
+    else:
+        h = hist.rename(columns={"u": "k0", "v": "k1"})[["k0", "k1", "bin", "n"]]
+    h = h.sort_values(["k0", "k1", "bin"]).reset_index(drop=True)
+    # the quantile: the first bin whose running count reaches Q * total // 100 + 1
+    grp = h.groupby(["k0", "k1"], sort=False)["n"]
+    total = grp.transform("sum").to_numpy()
+    run = grp.cumsum().to_numpy()
+    hit = run >= scoring.quantile * total // 100 + 1
+    first = h[hit].drop_duplicates(["k0", "k1"])
+    q = pd.DataFrame({"k0": first["k0"], "k1": first["k1"],
+                      "score": 1.0 - (first["bin"].to_numpy() + 0.5) / scoring.bins})
+    df = df.merge(q, on=["k0", "k1"], how="left")
+    df["stale"] = False
+    return df, h.astype(np.int64)
 
 
 def _block_graph(edges_dir: Path, idx, grid, scoring: Scoring, n_fragments: int
@@ -233,8 +266,7 @@ def node_task(work: str, level: int, node, grids, fanout, frag_blocks: FragmentB
         hist = None
         if raw_hist is not None:
             hist = raw_hist.groupby(["u", "v", "bin"], as_index=False)["n"].sum()
-        g = NodeGraph.from_edges(raw, scoring, hist)
-        df, h = _to_frames(g, scoring)
+        df, h = _leaf_frames(raw, hist, scoring)
     else:
         kids = [tuple(n * int(f) + i for n, f, i in zip(node, fanout, off, strict=True))
                 for off in itertools.product(*(range(int(f)) for f in fanout))]
