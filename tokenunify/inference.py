@@ -81,6 +81,9 @@ class InferConfig:
             raise ValueError(f"infer.dtype must be uint8 or float16, not {self.dtype!r}")
 
 
+GRID = "face-aligned"  # the window grid below (before: "zero-padded"); part of the lineage
+
+
 def window_starts(n: int, window: int, step: int) -> np.ndarray:
     """Starts of the global window grid along one axis covering [0, n); the grid is anchored at
     0 with the given step, and when the grid stops short of n one more window is added that
@@ -303,6 +306,7 @@ def run(volume: str | Path, checkpoint: str | Path, out: str | Path,
     # what changes the result (not where or in how many jobs it runs)
     settings = {k: v for k, v in cfg.__dict__.items()
                 if k not in ("dask", "batch_blocks", "workers", "threads_per_worker")}
+    settings["grid"] = GRID  # a staging folder of another window grid is never resumed
     lineage = Lineage.of("infer", settings, {"volume": volume, "checkpoint": checkpoint})
     with exclusive(out):  # batch jobs of this stage may start together
         stage = StagedOutput(out, lineage)

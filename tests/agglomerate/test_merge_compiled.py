@@ -96,3 +96,12 @@ def test_bad_edge_ids_are_named():
                           "max": [0.5, 0.5]})
     with pytest.raises(ValueError, match=r"n_fragments \(5\).*v in \[2, 9\]"):
         agglomerate_graph(edges, 5, parse(MEAN), 0.9, engine="compiled")
+
+
+def test_empty_graph_gives_an_empty_history():
+    edges = pd.DataFrame({c: pd.Series(dtype=t) for c, t in
+                          (("u", "int64"), ("v", "int64"), ("count", "int64"),
+                           ("sum", "float64"), ("max", "float64"))})
+    for scoring in (QUANTILE, MEAN):
+        h = agglomerate_graph(edges, 3, parse(scoring), 0.9, engine="compiled")
+        assert len(h.u) == 0 and h.lut(0.9).tolist() == [0, 1, 2, 3]

@@ -40,7 +40,7 @@ import zarr
 from tokenunify.agglomerate import fragments as fr
 from tokenunify.agglomerate import levels as lv
 from tokenunify.agglomerate.graph import block_edges, reduce_edges, reduce_histograms, stitch
-from tokenunify.agglomerate.merge import MergeHistory, agglomerate_graph
+from tokenunify.agglomerate.merge import TIES, MergeHistory, agglomerate_graph
 from tokenunify.agglomerate.reference import waterz_segmentations
 from tokenunify.agglomerate.scoring import DEFAULT, parse
 from tokenunify.cluster import DaskConfig, batch_of, dask_client
@@ -405,6 +405,7 @@ def run(affinities: str | Path, out: str | Path, cfg: AgglomerateConfig | None =
     vs, off = aff.attrs.get("voxel_size", [1.0] * 3), aff.attrs.get("offset", [0.0] * 3)
     settings = {k: v for k, v in asdict(cfg).items()
                 if k not in ("dask", "batch_blocks", "workers", "scheduler")}
+    settings["ties"] = TIES  # a staging folder merged with other tie rules is never resumed
     lineage = Lineage.of("agglomerate", {"cfg": settings, "shape": list(shape)},
                          {"affinities": affinities})
     block = tuple(min(b, n) for b, n in zip(cfg.block, shape, strict=True))

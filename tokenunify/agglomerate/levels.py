@@ -144,6 +144,8 @@ def _leaf_frames(edges: pd.DataFrame, hist: pd.DataFrame | None, scoring: Scorin
     q = pd.DataFrame({"k0": first["k0"], "k1": first["k1"],
                       "score": 1.0 - (first["bin"].to_numpy() + 0.5) / scoring.bins})
     df = df.merge(q, on=["k0", "k1"], how="left")
+    # no bin reaches the pivot (quantile 100): the top bin, as Scoring.score says
+    df["score"] = df["score"].fillna(1.0 - (scoring.bins - 0.5) / scoring.bins)
     df["stale"] = False
     return df, h.astype(np.int64)
 
@@ -194,15 +196,20 @@ def merge_frames(df: pd.DataFrame, hist: pd.DataFrame | None, frozen: set, scori
         return merges, rdf, rh
     import torch
 
-    u, v = df["u"].to_numpy(np.int64), df["v"].to_numpy(np.int64)
     k0, k1 = df["k0"].to_numpy(np.int64), df["k1"].to_numpy(np.int64)
-    n = int(max(u.max(), v.max()))
-    if n >= 2**31 or k0.max() >= 2**31 or k1.max() >= 2**31:
-        raise ValueError(f"the compiled node merge takes ids < 2^31, not {max(n, k1.max())}")
+    if k0.max() >= 2**31 or k1.max() >= 2**31:
+        raise ValueError(f"the compiled node merge takes fragment ids < 2^31, not {k1.max()}")
     key = (k0 << 32) | k1  # orders as the (k0, k1) pair
-    mask = np.zeros(n + 1, np.uint8)
-    ids = np.fromiter((x for x in frozen if x <= n), np.int64)
-    mask[ids] = 1
+    # the node's segments renumbered 1..m, so that its memory follows its graph, not the ids
+    seg, local = np.unique(np.concatenate([df["u"].to_numpy(np.int64),
+                                           df["v"].to_numpy(np.int64)]), return_inverse=True)
+    u, v = local[:len(df)] + 1, local[len(df):] + 1  # order kept: seg is sorted
+    n = len(seg)
+    hot = np.fromiter(frozen, np.int64, len(frozen)) if frozen else np.zeros(0, np.int64)
+    hot = hot[np.isin(hot, seg)]
+    mask = np.zeros(n + 1 if len(hot) else 0, np.uint8)  # empty: nothing frozen, no checks
+    if len(hot):
+        mask[np.searchsorted(seg, hot) + 1] = 1
 
     def t(a):
         return torch.from_numpy(np.require(a, requirements=["C", "W"]))
@@ -222,7 +229,10 @@ def merge_frames(df: pd.DataFrame, hist: pd.DataFrame | None, frozen: set, scori
                     t(key), t(df["score"].to_numpy(np.float64)),
                     t(df["stale"].to_numpy().astype(np.uint8)), t(mask))
     out = [x.numpy() for x in out]
-    merges = list(zip(out[0].tolist(), out[1].tolist(), out[2].tolist(), strict=True))
+    back = np.concatenate([[0], seg])  # local id -> segment id
+    merges = list(zip(back[out[0]].tolist(), back[out[1]].tolist(), out[2].tolist(),
+                      strict=True))
+    out[4], out[5] = back[out[4]], back[out[5]]
     rk = out[6]
     rdf = pd.DataFrame({"u": out[4], "v": out[5], "k0": rk >> 32, "k1": rk & (2**32 - 1),
                         "score": out[7], "stale": out[8].astype(bool)})
@@ -264,8 +274,9 @@ def node_task(work: str, level: int, node, grids, fanout, frag_blocks: FragmentB
         raw = raw.groupby(["u", "v"], as_index=False)[["count", "sum", "max"]].agg(
             {"count": "sum", "sum": "sum", "max": "max"})
         hist = None
-        if raw_hist is not None:
-            hist = raw_hist.groupby(["u", "v", "bin"], as_index=False)["n"].sum()
+        if raw_hist is not None:  # only the kept edges' histograms
+            hist = raw_hist.merge(raw[["u", "v"]], on=["u", "v"])
+            hist = hist.groupby(["u", "v", "bin"], as_index=False)["n"].sum()
         df, h = _leaf_frames(raw, hist, scoring)
     else:
         kids = [tuple(n * int(f) + i for n, f, i in zip(node, fanout, off, strict=True))

@@ -81,6 +81,7 @@ class MergeHistory:
         return out if self.pre is None else out[self.pre.astype(np.int64)]
 
 
+TIES = "canonical-keys"  # the tie rules above; part of the agglomerate stage's lineage
 _COMPILED = None  # the built extension; False once known to be unavailable
 
 
@@ -119,6 +120,9 @@ def agglomerate_graph(edges: pd.DataFrame, n_fragments: int, scoring: Scoring,
         return agglomerate_graph_python(edges, n_fragments, scoring, max_threshold, histograms)
     import torch
 
+    if len(edges) == 0:
+        return MergeHistory(np.zeros(0, np.uint64), np.zeros(0, np.uint64),
+                            np.zeros(0, np.float64), n_fragments)
     u = edges["u"].to_numpy(np.int64)
     v = edges["v"].to_numpy(np.int64)
     order = np.lexsort((v, u))  # edge index = rank in (u, v) order, as the reference's

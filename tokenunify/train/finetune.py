@@ -78,6 +78,9 @@ class FinetuneConfig(OptimConfig):
     min_loaded: float = 1.0  # share of the pretrained tensors (all but the head) that must load
 
     def __post_init__(self):
+        from tokenunify.agglomerate.scoring import parse
+
+        parse(self.scoring)  # a bad agglomerate.scoring fails now, not at the first validation
         if not 0 <= self.min_loaded <= 1:
             raise ValueError(f"finetune.min_loaded {self.min_loaded} must be in [0, 1]")
         if self.part not in PARTS:
