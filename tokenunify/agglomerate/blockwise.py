@@ -351,24 +351,45 @@ class _Blockwise:
         tmp.replace(saved)
         return history
 
-    def _levels(self, offsets, n_frag: int) -> MergeHistory:
-        """The hierarchical merge: one Dask task per node, level by level, each skipped when
-        its done marker exists (:mod:`tokenunify.agglomerate.levels`)."""
+    def level_nodes(self) -> list[list]:
+        """The nodes (z, y, x) of every level of the hierarchy, in raster order."""
         import itertools
 
+        grid0 = tuple(max(i[k] for i, _ in self.grid) + 1 for k in range(3))
+        return [list(itertools.product(*(range(g) for g in grid)))
+                for grid in lv.level_grids(grid0, self.cfg.hierarchy)]
+
+    def level(self, level: int, batch: int | None = None) -> None:
+        """Level ``level`` of the hierarchical merge for batch ``batch`` of its nodes (None:
+        all), after finishing whatever the levels below still miss; nodes with a done marker
+        are skipped (:mod:`tokenunify.agglomerate.levels`)."""
         from dask import delayed
 
         c = self.cfg
-        grid0 = tuple(max(i[k] for i, _ in self.grid) + 1 for k in range(3))
-        grids = lv.level_grids(grid0, c.hierarchy)
+        nodes = self.level_nodes()
+        if not 0 <= level < len(nodes):
+            raise ValueError(f"agglomerate phase level{level}: the hierarchy has levels 0.."
+                             f"{len(nodes) - 1}")
+        if level == 0:
+            offsets, n_frag = self.offsets()
+            self.edges(self.grid)
+        else:
+            self.level(level - 1)
+            offsets, n_frag = self.offsets()
+        grids = [tuple(max(n[k] for n in ns) + 1 for k in range(3)) for ns in nodes]
         frag_blocks = lv.FragmentBlocks(offsets, c.tile, c.tile_depth, c.block, n_frag)
-        for level, grid in enumerate(grids):
-            todo = [n for n in itertools.product(*(range(g) for g in grid))
-                    if not _marker(self.work, f"level{level}", n).exists()]
-            self._run([delayed(_level_task, pure=False)(str(self.work), level, n, grids,
-                                                       c.hierarchy, frag_blocks, self.scoring,
-                                                       max(c.thresholds))
-                       for n in todo], f"merge level {level}")
+        subset = batch_of(nodes[level], batch, c.batch_blocks)
+        todo = [n for n in subset if not _marker(self.work, f"level{level}", n).exists()]
+        self._run([delayed(_level_task, pure=False)(str(self.work), level, n, grids,
+                                                   c.hierarchy, frag_blocks, self.scoring,
+                                                   max(c.thresholds))
+                   for n in todo], f"merge level {level}")
+
+    def _levels(self, offsets, n_frag: int) -> MergeHistory:
+        """The hierarchical merge: every level (what is not done yet), then the history."""
+        nodes = self.level_nodes()
+        self.level(len(nodes) - 1)
+        grids = [tuple(max(n[k] for n in ns) + 1 for k in range(3)) for ns in nodes]
         history = lv.collect(self.work, grids, n_frag)
         history.pre = np.arange(n_frag + 1, dtype=np.uint64)
         log.info("hierarchical merge: %d levels, %d merges", len(grids), len(history.u))
@@ -397,9 +418,15 @@ def run(affinities: str | Path, out: str | Path, cfg: AgglomerateConfig | None =
     into the staging folder, and returns its path; without ``phase`` everything left is done
     and ``out`` is committed."""
     cfg = cfg or AgglomerateConfig()
-    if phase is not None and (phase not in PHASES or cfg.method != "blockwise"):
-        raise ValueError(f"agglomerate phase {phase!r}: phases {list(PHASES)} exist for "
-                         f"method blockwise only (method is {cfg.method!r})")
+    level = None
+    if phase is not None and phase.startswith("level") and phase[5:].isdigit():
+        if cfg.hierarchy is None:
+            raise ValueError(f"agglomerate phase {phase!r} needs agglomerate.hierarchy")
+        level = int(phase[5:])
+    elif phase is not None and (phase not in PHASES or cfg.method != "blockwise"):
+        raise ValueError(f"agglomerate phase {phase!r}: phases {list(PHASES)} (and levelK with "
+                         f"agglomerate.hierarchy) exist for method blockwise only (method is "
+                         f"{cfg.method!r})")
     aff, scale = read_affinities(affinities)
     shape = aff.shape[1:]
     vs, off = aff.attrs.get("voxel_size", [1.0] * 3), aff.attrs.get("offset", [0.0] * 3)
@@ -434,6 +461,8 @@ def run(affinities: str | Path, out: str | Path, cfg: AgglomerateConfig | None =
                 stack.enter_context(dask_client(cfg.dask, len(subset), "agglomerate"))))
             if phase == "merge":
                 bw.merge()
+            elif level is not None:
+                bw.level(level, batch)
             elif phase is not None:
                 getattr(bw, phase)(subset)
             if phase is not None:

@@ -1,9 +1,14 @@
 # Stage 6: affinities -> segmentation at every threshold (blockwise waterz semantics, seam-free).
 # More than agglomerate.batch_blocks blocks: one job per batch for each blockwise phase
-# (fragments, edges, relabel) around one global merge job; the agglomerate job finishes and
-# renames the result into place. One batch: the agglomerate job does it all.
+# (fragments, edges, relabel) around one global merge job; with agglomerate.hierarchy, one job
+# per batch of nodes for each level (level0, level1, ...) between edges and the merge, which
+# then only gathers them. The agglomerate job finishes and renames the result into place. One
+# batch: the agglomerate job does it all.
 
 rule agglomerate_phase:
+    wildcard_constraints:
+        phase="fragments|edges|relabel|level[0-9]+",
+        batch="[0-9]+",
     input:
         affinities="results/{experiment}/{dataset}/affinities.zarr",
         before=agglo_phase_inputs,
@@ -29,7 +34,7 @@ rule agglomerate_phase:
 rule agglomerate_merge:
     input:
         affinities="results/{experiment}/{dataset}/affinities.zarr",
-        edges=batch_markers("agglomerate", "results/{experiment}/{dataset}/segmentation.batches/edges_{batch}.done"),
+        before=agglo_merge_inputs,
     output:
         temp("results/{experiment}/{dataset}/segmentation.batches/merge.done"),
     log:

@@ -126,10 +126,49 @@ def batch_markers(stage, pattern):
     return markers
 
 
+@functools.cache
+def level_batches(dataset):
+    """Snakemake jobs per level of agglomerate.hierarchy on a dataset (ceil(nodes /
+    batch_blocks) each); [] without a hierarchy or when the stage is one job."""
+    from tokenunify.agglomerate.levels import level_grids
+
+    agg = config["agglomerate"]
+    if not agg.get("hierarchy") or batch_count(dataset, "agglomerate") <= 1:
+        return []
+    shape = dataset_shape(dataset)
+    grid0 = tuple(-(-n // b) for n, b in zip(shape, agg["block"]))
+    return [n_batches(g[0] * g[1] * g[2], agg["batch_blocks"])
+            for g in level_grids(grid0, agg["hierarchy"])]
+
+
+def level_markers(wildcards, level):
+    """The done markers of every batch of one hierarchy level ([] past the last level)."""
+    counts = level_batches(wildcards.dataset)
+    if not 0 <= level < len(counts):
+        return []
+    return expand("results/{experiment}/{dataset}/segmentation.batches/level{level}_{batch}.done",
+                  experiment=wildcards.experiment, dataset=wildcards.dataset, level=level,
+                  batch=range(counts[level]))
+
+
+def agglo_merge_inputs(wildcards):
+    """The global merge needs every edges batch and, with a hierarchy, every batch of its top
+    level (the merge then only gathers the levels' histories)."""
+    edges = batch_markers("agglomerate", "results/{experiment}/{dataset}/segmentation.batches/"
+                          "edges_{batch}.done")(wildcards)
+    return edges + level_markers(wildcards, len(level_batches(wildcards.dataset)) - 1)
+
+
 def agglo_phase_inputs(wildcards):
     """A batch of an agglomerate phase needs every batch of the phase before it (edges read
-    neighbouring blocks' fragments and the global id offsets; relabel needs the global merge)."""
+    neighbouring blocks' fragments and the global id offsets; a hierarchy level, the level
+    below or the edges; relabel needs the global merge)."""
     batches = "results/{experiment}/{dataset}/segmentation.batches"
+    if wildcards.phase.startswith("level"):
+        level = int(wildcards.phase[5:])
+        if level == 0:
+            return batch_markers("agglomerate", f"{batches}/edges_{{batch}}.done")(wildcards)
+        return level_markers(wildcards, level - 1)
     if wildcards.phase == "edges":
         return batch_markers("agglomerate", f"{batches}/fragments_{{batch}}.done")(wildcards)
     if wildcards.phase == "relabel":
