@@ -125,8 +125,8 @@ def merge_node(graph: NodeGraph, frozen: set, scoring: Scoring, max_threshold: f
         # its merge waits for the parent, and so do its regions, when an end is frozen, or when
         # an end has an edge to a frozen segment scored no higher (a tie: the parent may merge
         # that first, which changes this edge's neighbourhood)
-        if a in frozen or b in frozen or any(
-                n in frozen and score[x] <= s for r in (a, b) for n, x in adj[r].items()):
+        if frozen and (a in frozen or b in frozen or any(
+                n in frozen and score[x] <= s for r in (a, b) for n, x in adj[r].items())):
             frozen.update((a, b))
             continue
         if len(adj[a]) < len(adj[b]):
