@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tokenunify.agglomerate.hierarchy import NodeGraph, hierarchical_merge
-from tokenunify.agglomerate.merge import agglomerate_graph_python
+from tokenunify.agglomerate.hierarchy import hierarchical_merge
+from tokenunify.agglomerate.merge import NodeGraph, agglomerate_graph_python
 from tokenunify.agglomerate.scoring import parse
 from tokenunify.metrics import evaluate
 

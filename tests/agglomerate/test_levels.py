@@ -88,11 +88,10 @@ def test_bad_hierarchies_and_tables_are_named(synthetic, tmp_path):  # noqa: F81
 @pytest.mark.parametrize("scoring", [DEFAULT, MEAN])
 def test_compiled_node_step_equals_the_python_one(scoring):
     """The node step in C++ (merge_cpu.cpp with keys, stored scores, stale flags and a frozen
-    mask) against hierarchy.merge_node: the same merges and the same residual table, on random
+    mask) against merge.merge_node: the same merges and the same residual table, on random
     graphs with tied scores, stale edges and random frozen segments."""
     from tests.agglomerate.test_merge_compiled import random_graph
-    from tokenunify.agglomerate.hierarchy import NodeGraph
-    from tokenunify.agglomerate.merge import compiled_extension
+    from tokenunify.agglomerate.merge import NodeGraph, compiled_extension
     from tokenunify.agglomerate.scoring import parse
 
     if compiled_extension() is None:
@@ -133,7 +132,7 @@ def test_compiled_node_step_equals_the_python_one(scoring):
 def test_leaf_tables_are_the_initial_states(scoring):
     """The vectorised leaf table equals the scoring's own initial states and scores."""
     from tests.agglomerate.test_merge_compiled import random_graph
-    from tokenunify.agglomerate.hierarchy import NodeGraph
+    from tokenunify.agglomerate.merge import NodeGraph
     from tokenunify.agglomerate.scoring import parse
 
     s = parse(scoring)

@@ -9,7 +9,7 @@ Level 0 is the block grid of the edges phase; a node of level k + 1 groups ``hie
 - level k > 0: its children's outputs,
 
 splits them into the edges inside the node and those that leave it, runs
-:func:`tokenunify.agglomerate.hierarchy.merge_node` with the segments of the leaving edges
+:func:`tokenunify.agglomerate.merge.merge_node` with the segments of the leaving edges
 frozen, and writes its merges and its output (residual plus leaving edges) as parquet files in
 ``.work/levels``, then a done marker. A rerun skips the nodes that have one, so a killed level
 resumes where it stopped. Memory per task: the node's residual graph, which is what touches its
@@ -29,8 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tokenunify.agglomerate.hierarchy import NodeGraph, merge_node
-from tokenunify.agglomerate.merge import MergeHistory
+from tokenunify.agglomerate.merge import MergeHistory, NodeGraph, merge_node
 from tokenunify.agglomerate.scoring import Scoring, discretize
 
 log = logging.getLogger(__name__)
@@ -182,7 +181,7 @@ def _block_graph(edges_dir: Path, idx, grid, scoring: Scoring, n_fragments: int
 def merge_frames(df: pd.DataFrame, hist: pd.DataFrame | None, frozen: set, scoring: Scoring,
                  max_threshold: float, engine: str = "auto"
                  ) -> tuple[list, pd.DataFrame, pd.DataFrame | None]:
-    """:func:`~tokenunify.agglomerate.hierarchy.merge_node` on a level table: (merges, residual
+    """:func:`~tokenunify.agglomerate.merge.merge_node` on a level table: (merges, residual
     table, residual histograms). Runs the compiled kernel (``merge_cpu.cpp``, the same one as
     the global merge) unless it is unavailable or ``engine`` is 'python'. ``frozen`` is read,
     not updated."""

@@ -36,8 +36,7 @@ from __future__ import annotations
 
 import heapq
 import logging
-import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -82,27 +81,17 @@ class MergeHistory:
 
 
 TIES = "canonical-keys"  # the tie rules above; part of the agglomerate stage's lineage
-_COMPILED = None  # the built extension; False once known to be unavailable
 
 
 def compiled_extension():
-    """The compiled merge (``merge_cpu.cpp``), built on first use; None when unavailable."""
-    global _COMPILED
-    if _COMPILED is None:
-        if os.environ.get("TOKENUNIFY_COMPILED_MERGE", "1") == "0":
-            _COMPILED = False
-            return None
-        try:
-            from tokenunify.native import load_extension
+    """The compiled merge (``merge_cpu.cpp``), built on first use; None when unavailable or
+    disabled (``TOKENUNIFY_COMPILED_MERGE=0``)."""
+    from tokenunify.native import optional_extension
 
-            # no fast-math: scores must round exactly as the Python reference's
-            _COMPILED = load_extension("tokenunify_merge_cpu",
-                                       Path(__file__).with_name("merge_cpu.cpp"), ["-O2"])
-        except Exception as exc:  # compiler, ninja or headers missing
-            log.warning("compiled merge unavailable (%s); using the Python merge",
-                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-            _COMPILED = False
-    return _COMPILED or None
+    # no fast-math: scores must round exactly as the Python reference's
+    return optional_extension("tokenunify_merge_cpu", Path(__file__).with_name("merge_cpu.cpp"),
+                              ["-O2"], None, disable_env="TOKENUNIFY_COMPILED_MERGE",
+                              fallback="the Python merge")
 
 
 def agglomerate_graph(edges: pd.DataFrame, n_fragments: int, scoring: Scoring,
@@ -172,7 +161,9 @@ def agglomerate_graph(edges: pd.DataFrame, n_fragments: int, scoring: Scoring,
 def agglomerate_graph_python(edges: pd.DataFrame, n_fragments: int, scoring: Scoring,
                              max_threshold: float, histograms: pd.DataFrame | None = None
                              ) -> MergeHistory:
-    """Run the merging on a fragment graph up to ``max_threshold``: the pure-Python reference.
+    """Run the merging on a fragment graph up to ``max_threshold``: the pure-Python reference,
+    :func:`merge_node` on the whole graph with nothing frozen (keys are the (u, v) pairs, whose
+    order is the edge index's).
 
     Args:
         edges: reduced edge table (u < v, both in 1..n_fragments; count, sum, max).
@@ -182,37 +173,95 @@ def agglomerate_graph_python(edges: pd.DataFrame, n_fragments: int, scoring: Sco
         histograms: (u, v, bin, n) table, needed when ``scoring.needs_histogram``.
     """
     edges = edges.sort_values(["u", "v"], kind="stable").reset_index(drop=True)
-    E = len(edges)
-    eu = edges["u"].to_numpy(np.int64).tolist()
-    ev = edges["v"].to_numpy(np.int64).tolist()
-    hists: dict | None = None
-    if scoring.needs_histogram:
-        if histograms is None:
-            raise ValueError(f"scoring {scoring.name!r} needs per-sample histograms")
-        hists = {}
-        for (u, v), grp in histograms.groupby(["u", "v"], sort=False):
-            hists[(int(u), int(v))] = dict(zip(grp["bin"].tolist(), grp["n"].tolist(),
-                                               strict=True))
-    state = scoring.initial_states(
-        edges["count"].to_numpy(), edges["sum"].to_numpy(), edges["max"].to_numpy(),
-        None if hists is None else [hists[(eu[e], ev[e])] for e in range(E)])
-    score = [scoring.score(s) for s in state]
-    stale = [False] * E
+    merges, _ = merge_node(NodeGraph.from_edges(edges, scoring, histograms), set(), scoring,
+                           max_threshold, progress=n_fragments)
+    log.info("agglomerated %d fragments, %d edges: %d merges below %.3f", n_fragments,
+             len(edges), len(merges), max_threshold)
+    u, v, lev = zip(*merges, strict=True) if merges else ((), (), ())
+    return MergeHistory(np.asarray(u, np.uint64), np.asarray(v, np.uint64),
+                        np.asarray(lev, np.float64), n_fragments)
+
+
+@dataclass
+class NodeGraph:
+    """The edges a node works on, one entry per edge (lists, parallel): current endpoints
+    ``u < v`` (segment ids), the tie-break ``key`` (the original (u, v) pair), the scoring
+    ``state``, the stored ``score`` and whether it is ``stale``."""
+
+    u: list = field(default_factory=list)
+    v: list = field(default_factory=list)
+    key: list = field(default_factory=list)
+    state: list = field(default_factory=list)
+    score: list = field(default_factory=list)
+    stale: list = field(default_factory=list)
+
+    def add(self, u, v, key, state, score, stale) -> None:
+        self.u.append(u)
+        self.v.append(v)
+        self.key.append(key)
+        self.state.append(state)
+        self.score.append(score)
+        self.stale.append(stale)
+
+    def __len__(self) -> int:
+        return len(self.u)
+
+    @classmethod
+    def from_edges(cls, edges: pd.DataFrame, scoring: Scoring,
+                   histograms: pd.DataFrame | None = None) -> NodeGraph:
+        """The fragment graph (reduced edge table: u < v, count, sum, max) as a NodeGraph."""
+        u = edges["u"].to_numpy(np.int64).tolist()
+        v = edges["v"].to_numpy(np.int64).tolist()
+        hists = None
+        if scoring.needs_histogram:
+            if histograms is None:
+                raise ValueError(f"scoring {scoring.name!r} needs per-sample histograms")
+            hists = {(int(a), int(b)): dict(zip(g["bin"].tolist(), g["n"].tolist(), strict=True))
+                     for (a, b), g in histograms.groupby(["u", "v"], sort=False)}
+            hists = [hists[(a, b)] for a, b in zip(u, v, strict=True)]
+        states = scoring.initial_states(edges["count"].to_numpy(), edges["sum"].to_numpy(),
+                                        edges["max"].to_numpy(), hists)
+        g = cls()
+        for a, b, s in zip(u, v, states, strict=True):
+            g.add(a, b, (a, b), s, scoring.score(s), False)
+        return g
+
+
+def merge_node(graph: NodeGraph, frozen: set, scoring: Scoring, max_threshold: float,
+               progress: int = 0) -> tuple[list, NodeGraph]:
+    """Merge inside one node.
+
+    Args:
+        graph: the edges between segments of the node (its children's residuals and the edges
+            between its children).
+        frozen: the node's segments that have an edge leaving the node (updated in place with
+            the segments frozen here).
+        scoring, max_threshold: as the global merge.
+        progress: show a progress bar of merges out of this many (0: none).
+
+    Returns:
+        (merges, residual): merges as (a, b, level) with a absorbing b; the residual is every
+        live edge of ``graph`` with a frozen endpoint, for the parent.
+    """
+    E = len(graph)
+    eu, ev = list(graph.u), list(graph.v)
+    state, score, stale = list(graph.state), list(graph.score), list(graph.stale)
+    key = list(graph.key)
     deleted = [False] * E
-    adj: list[dict] = [{} for _ in range(n_fragments + 1)]
+    adj: dict[int, dict[int, int]] = {}
     for e in range(E):
-        adj[eu[e]][ev[e]] = e
-        adj[ev[e]][eu[e]] = e
-    key = list(range(E))  # tie-break: the smallest edge index among the merged edges
-    heap = [(score[e], e, e) for e in range(E)]
+        adj.setdefault(eu[e], {})[ev[e]] = e
+        adj.setdefault(ev[e], {})[eu[e]] = e
+    heap = [(score[e], key[e], e) for e in range(E)]
     heapq.heapify(heap)
-    mu, mv, ml = [], [], []
+    merges = []
     level = -np.inf
-    bar = tqdm(total=n_fragments, desc="agglomerate", unit="merge", disable=None, leave=False)
+    bar = tqdm(total=progress, desc="agglomerate", unit="merge", disable=None if progress else True,
+               leave=False)
     while heap and heap[0][0] < max_threshold:
         s, k, e = heapq.heappop(heap)
         level = max(level, s)
-        if deleted[e] or k != key[e]:  # gone, or an entry replaced when its key went down
+        if deleted[e] or k != key[e]:
             continue
         if stale[e]:
             score[e] = scoring.score(state[e])
@@ -220,30 +269,35 @@ def agglomerate_graph_python(edges: pd.DataFrame, n_fragments: int, scoring: Sco
             heapq.heappush(heap, (score[e], key[e], e))
             continue
         a, b = eu[e], ev[e]
-        if len(adj[a]) < len(adj[b]):  # absorb the region with fewer neighbours (speed; the
-            a, b = b, a                # partition is the same, up to ties in score)
-        mu.append(a)
-        mv.append(b)
-        ml.append(level)
+        # its merge waits for the parent, and so do its regions, when an end is frozen, or when
+        # an end has an edge to a frozen segment scored no higher (a tie: the parent may merge
+        # that first, which changes this edge's neighbourhood)
+        if frozen and (a in frozen or b in frozen or any(
+                n in frozen and score[x] <= s for r in (a, b) for n, x in adj[r].items())):
+            frozen.update((a, b))
+            continue
+        if len(adj[a]) < len(adj[b]):
+            a, b = b, a
+        merges.append((a, b, level))
         bar.update()
         del adj[a][b]
         del adj[b][a]
         deleted[e] = True
-        for n, eb in adj[b].items():
+        for n, eb in adj.pop(b).items():
             del adj[n][b]
             ea = adj[a].get(n)
-            if ea is None:  # move the edge to the surviving region
+            if ea is None:
                 adj[a][n] = eb
                 adj[n][a] = eb
                 eu[eb], ev[eb] = (a, n) if a < n else (n, a)
                 continue
-            if (score[eb], key[eb]) > (score[ea], key[ea]):  # keep the lower score
+            if (score[eb], key[eb]) > (score[ea], key[ea]):
                 keep, drop = ea, eb
             else:
                 keep, drop = eb, ea
                 eu[keep], ev[keep] = (a, n) if a < n else (n, a)
             scoring.merge(state[keep], state[drop])
-            if key[drop] < key[keep]:  # queue it by its new key at once
+            if key[drop] < key[keep]:
                 key[keep] = key[drop]
                 heapq.heappush(heap, (score[keep], key[keep], keep))
             state[drop] = None
@@ -251,9 +305,9 @@ def agglomerate_graph_python(edges: pd.DataFrame, n_fragments: int, scoring: Sco
             stale[keep] = True
             adj[a][n] = keep
             adj[n][a] = keep
-        adj[b] = {}
     bar.close()
-    log.info("agglomerated %d fragments, %d edges: %d merges below %.3f", n_fragments, E,
-             len(mu), max_threshold)
-    return MergeHistory(np.asarray(mu, np.uint64), np.asarray(mv, np.uint64),
-                        np.asarray(ml, np.float64), n_fragments)
+    residual = NodeGraph()
+    for e in range(E):
+        if not deleted[e] and (eu[e] in frozen or ev[e] in frozen):
+            residual.add(eu[e], ev[e], key[e], state[e], score[e], stale[e])
+    return merges, residual

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from pathlib import Path
 
 import torch
@@ -46,7 +45,6 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 _CUDA_SCAN = None  # cached mamba_ssm function, False once known to be unavailable
-_FUSED_CPU = None  # the built C++ extension, False once known to be unavailable
 
 
 # Instruction sets the fused kernel is built for, by torch's own CPU capability check. Each gets
@@ -70,24 +68,15 @@ def _cpu_isa() -> str:
 
 
 def fused_cpu_extension():
-    """The fused CPU scan extension, built on first use; None when unavailable or disabled."""
-    global _FUSED_CPU
-    if _FUSED_CPU is None:
-        if os.environ.get("TOKENUNIFY_FUSED_SCAN", "1") == "0":
-            _FUSED_CPU = False
-            return None
-        try:
-            from tokenunify.native import load_extension
+    """The fused CPU scan extension, built on first use; None when unavailable or disabled
+    (``TOKENUNIFY_FUSED_SCAN=0``)."""
+    from tokenunify.native import optional_extension
 
-            isa = _cpu_isa()
-            _FUSED_CPU = load_extension(
-                f"tokenunify_scan_cpu_{isa}", Path(__file__).with_name("scan_cpu.cpp"),
-                ["-O3", "-ffast-math", "-fopenmp", *_ISA_FLAGS[isa]], ["-fopenmp"])
-        except Exception as exc:  # compiler, ninja or headers missing: use the PyTorch scan
-            log.warning("fused CPU scan unavailable (%s); using the chunked PyTorch scan",
-                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-            _FUSED_CPU = False
-    return _FUSED_CPU or None
+    isa = _cpu_isa()
+    return optional_extension(
+        f"tokenunify_scan_cpu_{isa}", Path(__file__).with_name("scan_cpu.cpp"),
+        ["-O3", "-ffast-math", "-fopenmp", *_ISA_FLAGS[isa]], ["-fopenmp"],
+        disable_env="TOKENUNIFY_FUSED_SCAN", fallback="the chunked PyTorch scan")
 
 
 class FusedScan(torch.autograd.Function):
