@@ -3,7 +3,8 @@
 # (fragments, edges, relabel) around one global merge job; with agglomerate.hierarchy, one job
 # per batch of nodes for each level (level0, level1, ...) between edges and the merge, which
 # then only gathers them. The agglomerate job finishes and renames the result into place. One
-# batch: the agglomerate job does it all.
+# batch: the agglomerate job does it all. A local barrier job per phase (PHASE.done) stands for
+# all of the phase's batches, so the next phase's jobs each depend on one file.
 
 rule agglomerate_phase:
     wildcard_constraints:
@@ -29,6 +30,25 @@ rule agglomerate_phase:
         "tokenunify agglomerate {input.affinities} --out {params.out} --phase {wildcards.phase}"
         " --batch {wildcards.batch} --spec {params.spec:q} --workers {threads} > {log} 2>&1"
         " && touch {output}"
+
+
+localrules:
+    agglomerate_barrier,
+
+
+rule agglomerate_barrier:
+    wildcard_constraints:
+        phase="fragments|edges|level[0-9]+",
+    input:
+        agglo_barrier_inputs,
+    output:
+        temp("results/{experiment}/{dataset}/segmentation.batches/{phase}.done"),
+    log:
+        "logs/agglomerate/{experiment}/{dataset}.{phase}.log",
+    conda:
+        "../../envs/tokenunify.yaml"
+    shell:
+        "echo every batch of {wildcards.phase} is done > {log} && touch {output}"
 
 
 rule agglomerate_merge:

@@ -151,26 +151,47 @@ def level_markers(wildcards, level):
                   batch=range(counts[level]))
 
 
+def phase_done(wildcards, phase):
+    """The one marker that every batch of ``phase`` is done: its barrier job's output when the
+    phase runs in batches, else [] (one job does it all). Jobs of the next phase depend on this
+    marker, not on every batch of the phase before, so the DAG has O(batches) edges, not
+    O(batches^2) (10^6 blocks: 1 000 batches per phase)."""
+    if phase.startswith("level"):
+        counts = level_batches(wildcards.dataset)
+        if not 0 <= int(phase[5:]) < len(counts):
+            return []
+    elif batch_count(wildcards.dataset, "agglomerate") <= 1:
+        return []
+    return expand("results/{experiment}/{dataset}/segmentation.batches/{phase}.done",
+                  experiment=wildcards.experiment, dataset=wildcards.dataset, phase=phase)
+
+
+def agglo_barrier_inputs(wildcards):
+    """Every batch marker of one phase (the barrier job's input)."""
+    if wildcards.phase.startswith("level"):
+        return level_markers(wildcards, int(wildcards.phase[5:]))
+    return batch_markers("agglomerate", "results/{experiment}/{dataset}/segmentation.batches/"
+                         f"{wildcards.phase}_{{batch}}.done")(wildcards)
+
+
 def agglo_merge_inputs(wildcards):
     """The global merge needs every edges batch and, with a hierarchy, every batch of its top
     level (the merge then only gathers the levels' histories)."""
-    edges = batch_markers("agglomerate", "results/{experiment}/{dataset}/segmentation.batches/"
-                          "edges_{batch}.done")(wildcards)
-    return edges + level_markers(wildcards, len(level_batches(wildcards.dataset)) - 1)
+    levels = len(level_batches(wildcards.dataset))
+    return phase_done(wildcards, "edges") + (
+        phase_done(wildcards, f"level{levels - 1}") if levels else [])
 
 
 def agglo_phase_inputs(wildcards):
     """A batch of an agglomerate phase needs every batch of the phase before it (edges read
     neighbouring blocks' fragments and the global id offsets; a hierarchy level, the level
-    below or the edges; relabel needs the global merge)."""
+    below or the edges; relabel needs the global merge), through that phase's one marker."""
     batches = "results/{experiment}/{dataset}/segmentation.batches"
     if wildcards.phase.startswith("level"):
         level = int(wildcards.phase[5:])
-        if level == 0:
-            return batch_markers("agglomerate", f"{batches}/edges_{{batch}}.done")(wildcards)
-        return level_markers(wildcards, level - 1)
+        return phase_done(wildcards, "edges" if level == 0 else f"level{level - 1}")
     if wildcards.phase == "edges":
-        return batch_markers("agglomerate", f"{batches}/fragments_{{batch}}.done")(wildcards)
+        return phase_done(wildcards, "fragments")
     if wildcards.phase == "relabel":
         return expand(f"{batches}/merge.done", experiment=wildcards.experiment,
                       dataset=wildcards.dataset)
