@@ -137,7 +137,7 @@ def test_workflow_produces_data_and_tokens_for_every_dataset(finished_run):
             ["lab.batch0.log", "lab.batch1.log"]
         names = {p.name for p in (logs / "agglomerate" / exp).glob("lab.*.log")}
         assert names == {f"lab.{ph}{b}.log" for ph in ("fragments", "edges", "relabel")
-                         for b in (0, 1)} | {"lab.merge.log"}
+                         for b in (0, 1)} | {"lab.merge.log", "lab.fragments.log", "lab.edges.log"}
         for d in ("affinities", "segmentation"):
             assert not list((workdir / "results" / exp / "lab").glob(f"{d}.batches/*"))
             assert not (workdir / "results" / exp / "lab" / f"{d}.zarr.partial").exists()
@@ -220,12 +220,13 @@ def test_job_count_of_a_volume_of_100_000_blocks_is_bounded(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout + proc.stderr
     counts = {k: int(v) for k, v in re.findall(r"^(\w+)\s+(\d+)$", out, flags=re.M)}
-    per_exp = {"infer_batch": 100, "infer": 1, "agglomerate_phase": 300, "agglomerate_merge": 1,
-               "agglomerate": 1, "evaluate": 1}
+    # one local barrier per phase that the next phase waits on (fragments, edges)
+    per_exp = {"infer_batch": 100, "infer": 1, "agglomerate_phase": 300, "agglomerate_barrier": 2,
+               "agglomerate_merge": 1, "agglomerate": 1, "evaluate": 1}
     for rule, n in per_exp.items():
         assert counts[rule] == 2 * n, (rule, counts)
     # download, tokenize, report, all + per experiment: pretrain, finetune and the above
-    assert counts["total"] == 4 + 2 * (2 + sum(per_exp.values())) == 816
+    assert counts["total"] == 4 + 2 * (2 + sum(per_exp.values())) == 820
 
 
 def test_seeded_ablation_through_the_workflow(tmp_path):

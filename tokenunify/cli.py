@@ -17,15 +17,10 @@ import sys
 from pathlib import Path
 
 from tokenunify import __version__
-from tokenunify.config import (
-    ConfigError,
-    DatasetSpec,
-    DownloadConfig,
-    PipelineConfig,
-    TokenizeConfig,
-    load_config,
-)
+from tokenunify.config import DatasetSpec, DownloadConfig, PipelineConfig, TokenizeConfig, load_config
+from tokenunify.errors import ConfigError
 from tokenunify.io.sources import SourceError
+from tokenunify.settings import defaults, from_section
 
 log = logging.getLogger("tokenunify")
 
@@ -39,14 +34,19 @@ def _setup_logging(verbose: bool) -> None:
 def _stage_config(args) -> tuple[PipelineConfig | None, dict]:
     """(typed config or None, the stage's JSON spec) from --config or --spec."""
     if args.spec:
-        try:
-            return None, json.loads(args.spec)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"--spec is not valid JSON: {exc}") from exc
+        return None, _spec(args)
     if not args.config:
         raise ConfigError("give --config FILE (and a dataset) or --spec JSON")
     cfg = load_config(args.config, deep=False)
     return cfg, {}
+
+
+def _stage(cls, section: str, cfg: PipelineConfig | None, spec: dict, **extra):
+    """The one way every stage gets its typed settings: section ``section`` of the config file
+    (--config) or of --spec, validated against the schema and filled with its defaults
+    (:func:`tokenunify.settings.from_section`); ``extra`` sets the run-time fields."""
+    return from_section(cls, cfg.raw[section] if cfg is not None else spec.get(section), section,
+                        **extra)
 
 
 def _dataset(cfg: PipelineConfig | None, spec: dict, name: str) -> DatasetSpec:
@@ -55,7 +55,7 @@ def _dataset(cfg: PipelineConfig | None, spec: dict, name: str) -> DatasetSpec:
             raise ConfigError(f"dataset {name!r} is not declared; declared: "
                               f"{sorted(cfg.datasets)}")
         return cfg.datasets[name]
-    from tokenunify.config import validate_config
+    from tokenunify.settings import validate_config
 
     full = validate_config({"datasets": {name: spec["dataset"]}})
     return DatasetSpec.from_dict(name, full["datasets"][name])
@@ -66,20 +66,15 @@ def cmd_download(args) -> None:
 
     cfg, spec = _stage_config(args)
     ds = _dataset(cfg, spec, args.dataset)
-    if cfg is not None:
-        dl = cfg.download
-    else:
-        dl = DownloadConfig(**{k: tuple(v) if isinstance(v, list) else v
-                               for k, v in spec.get("download", {}).items()})
-    download.run(ds, args.out, dataclasses.replace(dl, workers=args.workers))
+    download.run(ds, args.out, _stage(DownloadConfig, "download", cfg, spec, workers=args.workers))
 
 
 def cmd_tokenize(args) -> None:
     from tokenunify import tokenize
 
     cfg, spec = _stage_config(args)
-    tk = cfg.tokenize if cfg is not None else TokenizeConfig.from_dict(spec.get("tokenize", {}))
-    tokenize.run(args.volume, args.out, args.manifest, dataclasses.replace(tk, workers=args.workers))
+    tokenize.run(args.volume, args.out, args.manifest,
+                 _stage(TokenizeConfig, "tokenize", cfg, spec, workers=args.workers))
 
 
 def _relaunch_under_torchrun(nproc: int | None, config_nproc: int) -> bool:
@@ -123,7 +118,7 @@ def cmd_pretrain(args) -> None:
 
     cfg, spec = _stage_config(args)
     exp, full = _experiment(cfg, spec, args.experiment)
-    pcfg = PretrainConfig.from_dict(full["pretrain"])
+    pcfg = _stage(PretrainConfig, "pretrain", cfg, spec)
     if _relaunch_under_torchrun(args.nproc, pcfg.nproc):
         return
     run(args.tokens, args.out, args.experiment, exp["pretraining"], pcfg, full)
@@ -134,8 +129,9 @@ def cmd_finetune(args) -> None:
 
     cfg, spec = _stage_config(args)
     _, full = _experiment(cfg, spec, args.experiment)
-    fcfg = FinetuneConfig.from_dict({**full["finetune"],
-                                     "scoring": full["agglomerate"]["scoring"]})
+    # validation merges as the agglomerate stage will
+    scoring = full.get("agglomerate", {}).get("scoring", defaults("agglomerate")["scoring"])
+    fcfg = _stage(FinetuneConfig, "finetune", cfg, spec, scoring=scoring)
     if _relaunch_under_torchrun(args.nproc, fcfg.nproc):
         return
     run(args.pretrained, args.train, args.validate, args.out, args.experiment, fcfg)
@@ -144,9 +140,7 @@ def cmd_finetune(args) -> None:
 def cmd_infer(args) -> None:
     from tokenunify.inference import InferConfig, run
 
-    spec = json.loads(args.spec) if args.spec else {}
-    cfg = InferConfig(**{k: tuple(v) if isinstance(v, list) else v
-                         for k, v in spec.get("infer", {}).items()})
+    cfg = _stage(InferConfig, "infer", None, _spec(args))
     if args.workers:
         cfg = dataclasses.replace(cfg, workers=args.workers)
     if args.worker_threads:  # blocks at once; torch's thread count stays infer.threads
@@ -174,16 +168,18 @@ def cmd_check(args) -> None:
              sorted(cfg.experiments))
 
 
-def _section(args, name: str) -> dict:
-    """The ``name`` section of ``--spec`` (lists become tuples for the dataclasses)."""
-    spec = json.loads(args.spec) if args.spec else {}
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in spec.get(name, {}).items()}
+def _spec(args) -> dict:
+    """``--spec`` as a dict ({} without it)."""
+    try:
+        return json.loads(args.spec) if args.spec else {}
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--spec is not valid JSON: {exc}") from exc
 
 
 def cmd_agglomerate(args) -> None:
     from tokenunify.agglomerate import AgglomerateConfig, run
 
-    cfg = AgglomerateConfig(**_section(args, "agglomerate"))
+    cfg = _stage(AgglomerateConfig, "agglomerate", None, _spec(args))
     if args.workers:
         cfg = dataclasses.replace(cfg, workers=args.workers)
     run(args.affinities, args.out, cfg, phase=args.phase, batch=args.batch)
@@ -193,18 +189,19 @@ def cmd_evaluate(args) -> None:
     from tokenunify.evaluate import EvaluateConfig, run
 
     run(args.segmentation, args.volume, args.out, args.experiment, args.dataset,
-        EvaluateConfig(**_section(args, "evaluate")))
+        _stage(EvaluateConfig, "evaluate", None, _spec(args)))
 
 
 def cmd_report(args) -> None:
     from tokenunify.report import build_report
 
-    spec = json.loads(args.spec) if args.spec else {}
+    spec = _spec(args)
+    report = {**defaults("report"), **spec.get("report", {})}
     build_report(Path(args.results), Path(args.out), spec.get("experiments", []),
                  spec.get("test_datasets", []), spec.get("config", {}),
-                 fixed_threshold=float(spec.get("report", {}).get("fixed_threshold", 0.5)),
+                 fixed_threshold=float(report["fixed_threshold"]),
                  validate_datasets=spec.get("validate_datasets", []), runs=spec.get("runs"),
-                 baselines=spec.get("report", {}).get("baselines", []))
+                 baselines=report["baselines"])
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,50 +25,36 @@ import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from tokenunify.settings import defaults
+
 log = logging.getLogger(__name__)
 
-CLUSTERS = ("local", "address", "slurm")
+_DEFAULTS = defaults("infer", "dask")
 
 
 @dataclass(frozen=True)
 class DaskConfig:
     """Dask cluster of a blockwise stage. Memory strings as dask-jobqueue takes them ("8GB")."""
 
-    cluster: str = "local"
-    address: str | None = None  # cluster: address
-    max_jobs: int = 8  # slurm: worker jobs at most (fewer when there are fewer blocks)
-    cores: int = 2  # slurm: cores per worker job (threads of its worker)
-    processes: int = 1  # slurm: worker processes per job
-    memory: str = "8GB"  # slurm: memory per worker job
-    walltime: str = "04:00:00"  # slurm: time limit of a worker job
-    account: str | None = None  # slurm: sbatch -A
-    queue: str | None = None  # slurm: sbatch -p
-    job_extra_directives: tuple[str, ...] = ()  # slurm: more sbatch options, e.g. "--gpus=1"
-    interface: str | None = None  # network interface of scheduler and workers (e.g. "ib0")
-    log_directory: str | None = None  # slurm: worker job logs (None: logs/dask-workers)
-    worker_timeout: float = 600.0  # seconds to wait for the first worker
+    cluster: str = _DEFAULTS["cluster"]
+    address: str | None = _DEFAULTS["address"]  # cluster: address
+    max_jobs: int = _DEFAULTS["max_jobs"]  # slurm: worker jobs at most (fewer when there are fewer blocks)
+    cores: int = _DEFAULTS["cores"]  # slurm: cores per worker job (threads of its worker)
+    processes: int = _DEFAULTS["processes"]  # slurm: worker processes per job
+    memory: str = _DEFAULTS["memory"]  # slurm: memory per worker job
+    walltime: str = _DEFAULTS["walltime"]  # slurm: time limit of a worker job
+    account: str | None = _DEFAULTS["account"]  # slurm: sbatch -A
+    queue: str | None = _DEFAULTS["queue"]  # slurm: sbatch -p
+    # slurm: more sbatch options, e.g. "--gpus=1"
+    job_extra_directives: tuple[str, ...] = _DEFAULTS["job_extra_directives"]
+    interface: str | None = _DEFAULTS["interface"]  # network interface of scheduler and workers (e.g. "ib0")
+    log_directory: str | None = _DEFAULTS["log_directory"]  # slurm: worker job logs (None: logs/dask-workers)
+    worker_timeout: float = _DEFAULTS["worker_timeout"]  # seconds to wait for the first worker
 
     def __post_init__(self):
-        if self.cluster not in CLUSTERS:
-            raise ValueError(f"dask.cluster must be one of {list(CLUSTERS)}, not "
-                             f"{self.cluster!r}")
+        # single values are checked by the schema (tokenunify.settings.from_section)
         if self.cluster == "address" and not self.address:
             raise ValueError("dask.cluster 'address' needs dask.address (tcp://host:port)")
-        if self.max_jobs < 1 or self.cores < 1 or self.processes < 1:
-            raise ValueError(f"dask.max_jobs, dask.cores and dask.processes must be >= 1; got "
-                             f"{self.max_jobs}, {self.cores}, {self.processes}")
-
-    @classmethod
-    def from_dict(cls, d: dict | DaskConfig | None) -> DaskConfig:
-        if isinstance(d, DaskConfig):
-            return d
-        d = dict(d or {})
-        if "job_extra_directives" in d:
-            d["job_extra_directives"] = tuple(d["job_extra_directives"] or ())
-        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ValueError(f"dask: unknown keys {unknown}")
-        return cls(**d)
 
 
 def worker_jobs(cfg: DaskConfig, n_tasks: int) -> int:

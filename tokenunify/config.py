@@ -1,8 +1,8 @@
-"""Pipeline configuration: schema validation with defaults, typed stage configs, deep checks.
+"""Pipeline configuration: typed views of the validated config, and deep checks.
 
 The schema is ``workflow/schemas/config.schema.yaml`` (shipped in the package as
-``tokenunify/schema/config.schema.yaml``). :func:`validate_config` fills in every default and
-raises :class:`ConfigError` naming the offending key. :func:`check_config` then opens every
+``tokenunify/schema/config.schema.yaml``). :func:`tokenunify.settings.validate_config` fills in
+every default and raises :class:`ConfigError` naming the offending key. :func:`check_config` then opens every
 declared source and checks what a schema cannot: files exist, HDF5 keys exist, raw and label
 shapes agree, bounding boxes fit, labelled roles have labels, test labels are not all 0, and
 the stages' crops, windows and blocks fit each other and the volumes (:mod:`tokenunify.checks`).
@@ -13,139 +13,27 @@ results and a stage never fails on a limit known from the start.
 from __future__ import annotations
 
 import copy
-import difflib
 import json
 import logging
 import os
 import re
 from dataclasses import asdict, dataclass, field
-from functools import cache
-from importlib import resources
 from pathlib import Path
 
-import jsonschema
-import yaml
-
 from tokenunify import checks
+from tokenunify.errors import ConfigError
+from tokenunify.settings import (  # noqa: F401 - load_schema, validate_config: the API
+    defaults,
+    from_section,
+    load_schema,
+    load_yaml,
+    validate_config,
+)
 
 log = logging.getLogger(__name__)
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 LABELLED_ROLES = ("train", "validate", "test")
-
-
-class ConfigError(ValueError):
-    """A configuration problem; the message names the key, file or value at fault."""
-
-
-@cache
-def load_schema() -> dict:
-    """The config JSON schema (a dict), read with ``yaml.safe_load``."""
-    text = resources.files("tokenunify").joinpath("schema/config.schema.yaml").read_text()
-    return yaml.safe_load(text)
-
-
-def load_yaml(path: str | Path) -> dict:
-    """Read a YAML config file safely; errors name the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
-    return data
-
-
-def _fill_defaults(validator_class):
-    """A jsonschema validator class that also writes ``default`` values into the instance."""
-    validate_props = validator_class.VALIDATORS["properties"]
-
-    def set_defaults(validator, properties, instance, schema):
-        if isinstance(instance, dict):
-            for prop, sub in properties.items():
-                if "default" in sub and prop not in instance:
-                    instance[prop] = copy.deepcopy(sub["default"])
-        yield from validate_props(validator, properties, instance, schema)
-
-    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
-
-
-def _path_str(path) -> str:
-    out = ""
-    for p in path:
-        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
-    return out or "<top level>"
-
-
-def _allowed_keys(schema: dict, root: dict) -> list[str]:
-    if "$ref" in schema:
-        ref = schema["$ref"].split("/")[-1]
-        schema = root["$defs"][ref]
-    return sorted(schema.get("properties", {}))
-
-
-def _explain(err: jsonschema.ValidationError, root: dict) -> str:
-    where = _path_str(err.absolute_path)
-    if err.validator == "additionalProperties" and isinstance(err.instance, dict):
-        allowed = _allowed_keys(err.schema, root)
-        extra = [k for k in err.instance if k not in allowed]
-        hints = []
-        for key in extra:
-            close = difflib.get_close_matches(key, allowed, n=1)
-            hints.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
-        return f"{where}: unknown key {', '.join(hints)}; allowed keys: {', '.join(allowed)}"
-    if "propertyNames" in err.schema_path:
-        return (
-            f"{where}: invalid name {err.instance!r}: names start with a letter or digit and "
-            "hold only letters, digits, '_', '-', '.' (max 64 characters)"
-        )
-    if err.validator == "enum":
-        close = difflib.get_close_matches(str(err.instance), [str(e) for e in err.validator_value])
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        return f"{where}: {err.instance!r} is not one of {err.validator_value}{hint}"
-    if err.validator in ("oneOf", "anyOf") and err.context:
-        return _explain(_branch_error(err), root)
-    if err.validator == "uniqueItems":
-        return f"{where}: {err.instance!r} repeats a value; give distinct values"
-    if err.validator == "exclusiveMinimum" and err.validator_value == 0:
-        return f"{where}: must be positive, got {err.instance!r}"
-    return f"{where}: {err.message}"
-
-
-def _branch_error(err: jsonschema.ValidationError) -> jsonschema.ValidationError:
-    """The error to report for a failed oneOf/anyOf. An optional key is "null or X": when the
-    value is not null, what is wrong is X's error (e.g. a negative voxel size), not that the
-    value is not null, so the null branch's error is left out."""
-    errors = err.context
-    if err.instance is not None:
-        errors = [e for e in errors if not (e.validator == "type" and e.validator_value == "null")
-                  ] or errors
-    return jsonschema.exceptions.best_match(errors)
-
-
-def validate_config(config: dict) -> dict:
-    """Validate a config dict against the schema and fill in defaults (in place).
-
-    Args:
-        config: the parsed YAML (e.g. Snakemake's ``config``).
-
-    Returns:
-        The same dict, with every default filled in.
-
-    Raises:
-        ConfigError: naming the first offending key and listing all problems found.
-    """
-    root = load_schema()
-    cls = _fill_defaults(jsonschema.validators.validator_for(root))
-    validator = cls(root)
-    errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
-    if errors:
-        msgs = [_explain(e, root) for e in errors]
-        raise ConfigError("invalid config:\n  " + "\n  ".join(dict.fromkeys(msgs)))
-    return config
 
 
 # --------------------------------------------------------------------------- typed views
@@ -235,11 +123,14 @@ class DatasetSpec:
         return json.loads(json.dumps(d))
 
 
+_DOWNLOAD, _TOKENIZE = defaults("download"), defaults("tokenize")
+
+
 @dataclass(frozen=True)
 class DownloadConfig:
     """Download stage settings: block (z, y, x) voxels per read/write and zarr chunk."""
 
-    block: tuple[int, int, int] = (32, 256, 256)
+    block: tuple[int, int, int] = _DOWNLOAD["block"]
     workers: int = 2
 
 
@@ -247,32 +138,24 @@ class DownloadConfig:
 class TokenizeConfig:
     """Tokenize stage settings; sizes in voxels (z, y, x). See the schema for each field."""
 
-    crop: tuple[int, int, int] = (16, 160, 160)
-    patch: tuple[int, int, int] = (4, 16, 16)
-    stride: tuple[int, int, int] | None = None
-    cover_edges: bool = True
-    normalize: str = "per_crop"
-    max_zero_fraction: float = 0.5
-    min_std: float = 2.0
-    min_section_std: float = 1.0
-    max_defective_sections: int = 0
-    scheduler: str = "threads"
+    crop: tuple[int, int, int] = _TOKENIZE["crop"]
+    patch: tuple[int, int, int] = _TOKENIZE["patch"]
+    stride: tuple[int, int, int] | None = _TOKENIZE["stride"]
+    cover_edges: bool = _TOKENIZE["cover_edges"]
+    normalize: str = _TOKENIZE["normalize"]
+    max_zero_fraction: float = _TOKENIZE["max_zero_fraction"]
+    min_std: float = _TOKENIZE["min_std"]
+    min_section_std: float = _TOKENIZE["min_section_std"]
+    max_defective_sections: int = _TOKENIZE["max_defective_sections"]
+    scheduler: str = _TOKENIZE["scheduler"]
     workers: int = 2
-    chunks: tuple[int, int, int] | None = None
+    chunks: tuple[int, int, int] | None = _TOKENIZE["chunks"]
 
     def __post_init__(self):
         for c, p in zip(self.crop, self.patch, strict=True):
             if c % p:
                 raise ConfigError(f"tokenize.crop {list(self.crop)} is not a multiple of "
                                   f"tokenize.patch {list(self.patch)}")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TokenizeConfig:
-        d = dict(d)
-        for k in ("crop", "patch", "stride", "chunks"):
-            if d.get(k) is not None:
-                d[k] = tuple(d[k])
-        return cls(**d)
 
 
 @dataclass
@@ -292,9 +175,8 @@ class PipelineConfig:
         return cls(
             datasets={n: DatasetSpec.from_dict(n, d) for n, d in config["datasets"].items()},
             experiments=config["experiments"],
-            download=DownloadConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                       for k, v in config["download"].items()}),
-            tokenize=TokenizeConfig.from_dict(config["tokenize"]),
+            download=from_section(DownloadConfig, config["download"]),
+            tokenize=from_section(TokenizeConfig, config["tokenize"]),
             pretrain=config["pretrain"],
             raw=config,
         )

@@ -30,10 +30,14 @@ import zarr
 
 from tokenunify.io.zarrio import require_complete
 from tokenunify.metrics import contingency_blockwise, scores
+from tokenunify.settings import defaults
 
 log = logging.getLogger(__name__)
 COLUMNS = ["experiment", "dataset", "threshold", "voi_split", "voi_merge", "voi", "arand",
            "n_segments", "gt_min_size", "gt_border_width"]
+
+
+_DEFAULTS = defaults("evaluate")
 
 
 @dataclass
@@ -41,13 +45,11 @@ class EvaluateConfig:
     """gt_min_size: voxels (0 = keep all). gt_border_width: voxels (0 = off). block: (z, y, x)
     voxels per contingency block."""
 
-    gt_min_size: int = 0
-    gt_border_width: int = 0
-    block: tuple = (64, 512, 512)
+    gt_min_size: int = _DEFAULTS["gt_min_size"]
+    gt_border_width: int = _DEFAULTS["gt_border_width"]
+    block: tuple = _DEFAULTS["block"]
 
     def __post_init__(self):
-        if self.gt_min_size < 0 or self.gt_border_width < 0:
-            raise ValueError("evaluate.gt_min_size and evaluate.gt_border_width must be >= 0")
         self.block = tuple(int(b) for b in self.block)
 
 

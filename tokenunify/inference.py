@@ -50,35 +50,38 @@ from tokenunify.cluster import DaskConfig, batch_of, dask_client
 from tokenunify.io.identity import Lineage
 from tokenunify.io.locks import exclusive
 from tokenunify.io.zarrio import StagedOutput, blocks, create_volume, provenance, require_complete, writable
+from tokenunify.settings import defaults, from_section
 
 log = logging.getLogger(__name__)
+
+
+_DEFAULTS = defaults("infer")
 
 
 @dataclass(frozen=True)
 class InferConfig:
     """Blockwise inference settings (voxels, z y x)."""
 
-    block: tuple[int, int, int] = (32, 256, 256)
-    window: tuple[int, int, int] = (16, 96, 96)
-    overlap: tuple[int, int, int] = (8, 48, 48)
-    sigma_scale: float = 0.125
-    batch_size: int = 4
-    tta: bool = False  # average over the 8 flips of z, y, x
-    dtype: str = "uint8"  # uint8 (x 255) or float16
-    workers: int = 1  # local Dask worker processes
+    block: tuple[int, int, int] = _DEFAULTS["block"]
+    window: tuple[int, int, int] = _DEFAULTS["window"]
+    overlap: tuple[int, int, int] = _DEFAULTS["overlap"]
+    sigma_scale: float = _DEFAULTS["sigma_scale"]
+    batch_size: int = _DEFAULTS["batch_size"]
+    tta: bool = _DEFAULTS["tta"]  # average over the 8 flips of z, y, x
+    dtype: str = _DEFAULTS["dtype"]  # uint8 (x 255) or float16
+    workers: int = _DEFAULTS["workers"]  # local Dask worker processes
     threads_per_worker: int = 2  # Dask threads per worker: blocks at once (results unchanged)
-    threads: int = 2  # torch threads of each block task (the affinities depend on it)
+    threads: int = _DEFAULTS["threads"]  # torch threads of each block task (the affinities depend on it)
     dask: DaskConfig = field(default_factory=DaskConfig)  # local, address or slurm
-    batch_blocks: int | None = None  # blocks per Snakemake job (None: one job)
+    batch_blocks: int | None = _DEFAULTS["batch_blocks"]  # blocks per Snakemake job (None: one job)
 
     def __post_init__(self):
-        object.__setattr__(self, "dask", DaskConfig.from_dict(self.dask))
+        if not isinstance(self.dask, DaskConfig):
+            object.__setattr__(self, "dask", from_section(DaskConfig, self.dask, ("infer", "dask")))
         for w, o in zip(self.window, self.overlap, strict=True):
             if not 0 <= o < w:
                 raise ValueError(f"infer.overlap {self.overlap} must be >= 0 and < window "
                                  f"{self.window}")
-        if self.dtype not in ("uint8", "float16"):
-            raise ValueError(f"infer.dtype must be uint8 or float16, not {self.dtype!r}")
 
 
 GRID = "face-aligned"  # the window grid below (before: "zero-padded"); part of the lineage

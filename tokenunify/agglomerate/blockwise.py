@@ -42,7 +42,7 @@ from tokenunify.agglomerate import levels as lv
 from tokenunify.agglomerate.graph import block_edges, reduce_edges, reduce_histograms, stitch
 from tokenunify.agglomerate.merge import TIES, MergeHistory, agglomerate_graph
 from tokenunify.agglomerate.reference import waterz_segmentations
-from tokenunify.agglomerate.scoring import DEFAULT, parse
+from tokenunify.agglomerate.scoring import parse
 from tokenunify.cluster import DaskConfig, batch_of, dask_client
 from tokenunify.io.identity import Lineage
 from tokenunify.io.locks import exclusive
@@ -55,9 +55,13 @@ from tokenunify.io.zarrio import (
     require_complete,
     writable,
 )
+from tokenunify.settings import defaults, from_section
 
 log = logging.getLogger(__name__)
 OFFSETS = [[-1, 0, 0], [0, -1, 0], [0, 0, -1]]
+
+
+_DEFAULTS = defaults("agglomerate")
 
 
 @dataclass
@@ -80,41 +84,30 @@ class AgglomerateConfig:
     (:mod:`tokenunify.agglomerate.levels`).
     """
 
-    thresholds: tuple = (0.3, 0.5, 0.7)
-    scoring: str = DEFAULT
-    method: str = "blockwise"
-    fragments: str = "maxima_distance"
-    tile: int = 128
-    context: int = 32
-    tile_z: int = 32
-    block: tuple = (32, 256, 256)
-    workers: int = 2
-    scheduler: str = "threads"
-    discretize_queue: int = 0
-    stitch_threshold: float | None = 0.5
-    hierarchy: tuple | None = None
+    thresholds: tuple = _DEFAULTS["thresholds"]
+    scoring: str = _DEFAULTS["scoring"]
+    method: str = _DEFAULTS["method"]
+    fragments: str = _DEFAULTS["fragments"]
+    tile: int = _DEFAULTS["tile"]
+    context: int = _DEFAULTS["context"]
+    tile_z: int = _DEFAULTS["tile_z"]
+    block: tuple = _DEFAULTS["block"]
+    workers: int = _DEFAULTS["workers"]
+    scheduler: str = _DEFAULTS["scheduler"]
+    discretize_queue: int = _DEFAULTS["discretize_queue"]
+    stitch_threshold: float | None = _DEFAULTS["stitch_threshold"]
+    hierarchy: tuple | None = _DEFAULTS["hierarchy"]
     dask: DaskConfig = field(default_factory=DaskConfig)
-    batch_blocks: int | None = None
+    batch_blocks: int | None = _DEFAULTS["batch_blocks"]
 
     def __post_init__(self):
-        self.dask = DaskConfig.from_dict(self.dask)
-        if self.scheduler not in ("threads", "processes", "synchronous"):
-            raise ValueError(f"agglomerate.scheduler must be threads, processes or synchronous, "
-                             f"not {self.scheduler!r} (a scheduler address goes in "
-                             f"agglomerate.dask: {{cluster: address, address: ...}})")
+        # single values are checked by the schema (tokenunify.settings.from_section); here:
+        # the scoring's grammar, and what spans several fields
+        if not isinstance(self.dask, DaskConfig):
+            self.dask = from_section(DaskConfig, self.dask, ("agglomerate", "dask"))
         self.thresholds = tuple(sorted(float(t) for t in self.thresholds))
         self.block = tuple(int(b) for b in self.block)
-        bad = [t for t in self.thresholds if not 0.0 <= t <= 1.0]
-        if bad or not self.thresholds:
-            raise ValueError(f"agglomerate.thresholds must be a non-empty list of values in "
-                             f"[0, 1]; got {list(self.thresholds)}")
         parse(self.scoring)
-        if self.method not in ("blockwise", "waterz"):
-            raise ValueError(f"agglomerate.method must be 'blockwise' or 'waterz', "
-                             f"not {self.method!r}")
-        if self.fragments not in ("maxima_distance", "waterz"):
-            raise ValueError(f"agglomerate.fragments must be 'maxima_distance' or 'waterz', "
-                             f"not {self.fragments!r}")
         if self.method == "blockwise" and any(b % self.tile for b in self.block[1:]):
             raise ValueError(f"agglomerate.block {list(self.block)}: y and x must be multiples "
                              f"of agglomerate.tile ({self.tile}), so that fragments do not "

@@ -16,24 +16,26 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tokenunify.settings import defaults
+
 TASKS = ("random", "next", "next_all")
+
+_DEFAULTS = defaults("pretrain", "curriculum")
 
 
 @dataclass(frozen=True)
 class CurriculumConfig:
     """Boundaries in [0, 1], dominant weight, auxiliary weights (near, far), temperatures."""
 
-    boundaries: tuple[float, float] = (0.3, 0.7)
-    dominant: float = 0.73
-    auxiliary: tuple[float, float] = (0.18, 0.09)
-    temperature: tuple[float, float] = (0.05, 0.01)
+    boundaries: tuple[float, float] = _DEFAULTS["boundaries"]
+    dominant: float = _DEFAULTS["dominant"]
+    auxiliary: tuple[float, float] = _DEFAULTS["auxiliary"]
+    temperature: tuple[float, float] = _DEFAULTS["temperature"]
 
     def __post_init__(self):
         b0, b1 = self.boundaries
         if not 0 < b0 < b1 < 1:
             raise ValueError(f"curriculum boundaries must satisfy 0 < b0 < b1 < 1: {b0}, {b1}")
-        if min(self.temperature) <= 0:
-            raise ValueError("curriculum temperatures must be positive")
 
 
 def phase_weights(cfg: CurriculumConfig) -> np.ndarray:

@@ -29,6 +29,7 @@ import torch.nn as nn
 from tokenunify.model.emmamba import EMmamba
 from tokenunify.model.heads import PerceiverResampler, TokenDecoder
 from tokenunify.objectives.curriculum import TASKS
+from tokenunify.settings import defaults
 
 OBJECTIVES: dict[str, tuple[str, ...]] = {
     "tokenunify": TASKS,
@@ -40,26 +41,22 @@ OBJECTIVES: dict[str, tuple[str, ...]] = {
 }
 
 
+_DEFAULTS = defaults("pretrain", "objective")
+
+
 @dataclass(frozen=True)
 class ObjectiveConfig:
     """Settings of the token tasks (see the module doc)."""
 
-    mask_ratio: float = 0.4
-    fill: str = "noise"  # noise | zero
-    norm_pix: bool = True
-    path: str = "zyx"  # token order for next / next_all: axis order, slowest first
-    resampler_latents: int = 16
-    resampler_layers: int = 2
-    resampler_dim: int = 128
-    resampler_heads: int = 4
-
-    def __post_init__(self):
-        if sorted(self.path) != ["x", "y", "z"]:
-            raise ValueError(f"objective path must be an order of 'zyx', not {self.path!r}")
-        if self.fill not in ("noise", "zero"):
-            raise ValueError(f"objective fill must be 'noise' or 'zero', not {self.fill!r}")
-        if not 0 < self.mask_ratio < 1:
-            raise ValueError(f"mask_ratio must be in (0, 1), not {self.mask_ratio}")
+    mask_ratio: float = _DEFAULTS["mask_ratio"]
+    fill: str = _DEFAULTS["fill"]  # noise | zero
+    norm_pix: bool = _DEFAULTS["norm_pix"]
+    path: str = _DEFAULTS["path"]  # token order for next / next_all: axis order, slowest first
+    resampler_latents: int = _DEFAULTS["resampler_latents"]
+    resampler_layers: int = _DEFAULTS["resampler_layers"]
+    resampler_dim: int = _DEFAULTS["resampler_dim"]
+    resampler_heads: int = _DEFAULTS["resampler_heads"]
+    # every value is checked by the schema (pretrain.objective; tokenunify.settings)
 
 
 def patchify(x: torch.Tensor, patch) -> torch.Tensor:

@@ -15,22 +15,26 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from tokenunify.settings import defaults
+
+_DEFAULTS = defaults("finetune", "augment")
+
 
 @dataclass(frozen=True)
 class AugmentConfig:
     """Probabilities and strengths; 0 disables a transform."""
 
-    flip: float = 1.0  # each axis flipped and y/x transposed with probability 0.5 when it fires
-    rotate: float = 0.5
-    elastic: float = 0.3
-    elastic_alpha: float = 16.0  # displacement scale (voxels)
-    elastic_sigma: float = 4.0  # smoothness of the displacement field (voxels)
-    intensity: float = 0.5
-    contrast: float = 0.3
-    brightness: float = 0.3
-    missing_section: float = 0.1
-    misalign: float = 0.1
-    misalign_max: int = 8  # voxels
+    flip: float = _DEFAULTS["flip"]  # each axis flipped and y/x transposed with probability 0.5 when it fires
+    rotate: float = _DEFAULTS["rotate"]
+    elastic: float = _DEFAULTS["elastic"]
+    elastic_alpha: float = _DEFAULTS["elastic_alpha"]  # displacement scale (voxels)
+    elastic_sigma: float = _DEFAULTS["elastic_sigma"]  # smoothness of the displacement field (voxels)
+    intensity: float = _DEFAULTS["intensity"]
+    contrast: float = _DEFAULTS["contrast"]
+    brightness: float = _DEFAULTS["brightness"]
+    missing_section: float = _DEFAULTS["missing_section"]
+    misalign: float = _DEFAULTS["misalign"]
+    misalign_max: int = _DEFAULTS["misalign_max"]  # voxels
     raw_order: int = 1  # interpolation order for raw (labels always use 0)
 
 

@@ -41,6 +41,7 @@ from tokenunify.inference import normalize_windows
 from tokenunify.io.identity import Lineage
 from tokenunify.io.zarrio import StagedOutput, require_complete
 from tokenunify.model.emmamba import EMmamba, ModelConfig
+from tokenunify.settings import defaults
 from tokenunify.train import checkpoint as ckpt
 from tokenunify.train import distributed
 from tokenunify.train.augment import AugmentConfig, augment
@@ -61,43 +62,31 @@ PARTS = {"all": ("",), "mamba": (".mamba.",), "encoder": ("vit.", "encoder"),
          "decoder": ("decoder", "out.")}
 
 
+_DEFAULTS = defaults("finetune")
+
+
 @dataclass(frozen=True)
 class FinetuneConfig(OptimConfig):
     """Fine-tuning settings (schema section ``finetune``); sizes in voxels (z, y, x)."""
 
-    crop: tuple[int, int, int] = (16, 96, 96)
-    widen_border: bool = True
-    long_range: tuple[tuple[int, int, int], ...] = ()
-    part: str = "all"  # all | mamba | encoder | decoder
-    validate_every: int = 50
-    thresholds: tuple[float, ...] = (0.3, 0.5, 0.7)
+    crop: tuple[int, int, int] = _DEFAULTS["crop"]
+    widen_border: bool = _DEFAULTS["widen_border"]
+    long_range: tuple[tuple[int, int, int], ...] = _DEFAULTS["long_range"]
+    part: str = _DEFAULTS["part"]  # all | mamba | encoder | decoder
+    validate_every: int = _DEFAULTS["validate_every"]
+    thresholds: tuple[float, ...] = _DEFAULTS["thresholds"]
     # the waterz scoring function of validation: the agglomerate stage's (``agglomerate.scoring``,
     # set by the CLI), so the checkpoint is chosen with the merge the segmentation will use
     scoring: str = DEFAULT_SCORING
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    min_loaded: float = 1.0  # share of the pretrained tensors (all but the head) that must load
+    # share of the pretrained tensors (all but the head) that must load
+    min_loaded: float = _DEFAULTS["min_loaded"]
 
     def __post_init__(self):
         from tokenunify.agglomerate.scoring import parse
 
+        # single values are checked by the schema (tokenunify.settings.from_section)
         parse(self.scoring)  # a bad agglomerate.scoring fails now, not at the first validation
-        if not 0 <= self.min_loaded <= 1:
-            raise ValueError(f"finetune.min_loaded {self.min_loaded} must be in [0, 1]")
-        if self.part not in PARTS:
-            raise ValueError(f"finetune.part must be one of {sorted(PARTS)}, not {self.part!r}")
-        if any(c % 16 for c in self.crop):
-            raise ValueError(f"finetune.crop {list(self.crop)}: EMmamba needs multiples of 16")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> FinetuneConfig:
-        d = dict(d)
-        aug = AugmentConfig(**d.pop("augment", {}))
-        for k in ("crop", "betas", "thresholds"):
-            if k in d:
-                d[k] = tuple(d[k])
-        if "long_range" in d:
-            d["long_range"] = tuple(tuple(o) for o in d["long_range"])
-        return cls(augment=aug, **d)
 
     @property
     def offsets(self) -> tuple:

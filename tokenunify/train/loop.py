@@ -17,25 +17,31 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+# the keys shared by pretrain and finetune have the same defaults (tests/test_settings.py)
+from tokenunify.settings import defaults
+
+_DEFAULTS = defaults("pretrain")
+
 
 @dataclass(frozen=True)
 class OptimConfig:
     """Settings shared by the training stages (see the schema sections pretrain / finetune)."""
 
-    steps: int = 100
-    batch_size: int = 2
-    lr: float = 1e-3
-    min_lr: float = 0.0
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.95)
-    warmup_steps: int = 10
-    clip_grad: float = 1.0
-    checkpoint_every: int = 25
-    log_every: int = 1
-    seed: int = 0
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (bf16/fp16 on CUDA only)
-    nproc: int = 1
-    threads: int = 2  # torch CPU threads per process: results depend on it, so it is fixed here
+    steps: int = _DEFAULTS["steps"]
+    batch_size: int = _DEFAULTS["batch_size"]
+    lr: float = _DEFAULTS["lr"]
+    min_lr: float = _DEFAULTS["min_lr"]
+    weight_decay: float = _DEFAULTS["weight_decay"]
+    betas: tuple[float, float] = _DEFAULTS["betas"]
+    warmup_steps: int = _DEFAULTS["warmup_steps"]
+    clip_grad: float = _DEFAULTS["clip_grad"]
+    checkpoint_every: int = _DEFAULTS["checkpoint_every"]
+    log_every: int = _DEFAULTS["log_every"]
+    seed: int = _DEFAULTS["seed"]
+    precision: str = _DEFAULTS["precision"]  # auto | fp32 | bf16 | fp16 (bf16/fp16 on CUDA only)
+    nproc: int = _DEFAULTS["nproc"]
+    # torch CPU threads per process: results depend on it, so it is fixed here
+    threads: int = _DEFAULTS["threads"]
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self)))

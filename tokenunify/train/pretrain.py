@@ -32,6 +32,7 @@ from tokenunify.io.zarrio import StagedOutput
 from tokenunify.model.emmamba import EMmamba, preset
 from tokenunify.objectives import OBJECTIVES, CurriculumConfig, ObjectiveConfig, TokenObjective
 from tokenunify.objectives import weights as curriculum_weights
+from tokenunify.settings import defaults
 from tokenunify.tokenize import TokenCrops
 from tokenunify.train import checkpoint as ckpt
 from tokenunify.train import distributed
@@ -48,26 +49,19 @@ from tokenunify.train.loop import (
 log = logging.getLogger(__name__)
 
 
+_DEFAULTS = defaults("pretrain")
+
+
 @dataclass(frozen=True)
 class PretrainConfig(OptimConfig):
     """Pretraining settings (schema section ``pretrain``)."""
 
-    model: str = "tiny"
-    perturb_p: float = 0.5
-    perturb: tuple[str, ...] = ("noise", "blur", "cutout")
-    dataset_weights: dict | None = None
+    model: str = _DEFAULTS["model"]
+    perturb_p: float = _DEFAULTS["perturb_p"]
+    perturb: tuple[str, ...] = _DEFAULTS["perturb"]
+    dataset_weights: dict | None = _DEFAULTS["dataset_weights"]
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> PretrainConfig:
-        d = dict(d)
-        obj = {k: v for k, v in d.pop("objective", {}).items()}
-        cur = {k: tuple(v) if isinstance(v, list) else v for k, v in d.pop("curriculum", {}).items()}
-        for k in ("betas", "perturb"):
-            if k in d:
-                d[k] = tuple(d[k])
-        return cls(objective=ObjectiveConfig(**obj), curriculum=CurriculumConfig(**cur), **d)
 
 
 class CropSampler:
