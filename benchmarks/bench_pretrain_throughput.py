@@ -29,7 +29,9 @@ def main() -> int:
     if args.quick:
         args.steps, args.crop = 4, (16, 64, 64)
     from tokenunify import download, tokenize
-    from tokenunify.config import DatasetSpec, DownloadConfig, SourceSpec, TokenizeConfig
+    from tokenunify.config import DownloadConfig, TokenizeConfig
+    from tokenunify.io.datasets import DatasetSpec
+    from tokenunify.io.sources import SourceSpec
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -49,8 +49,8 @@ def infer_setup(tmp_path_factory, tiny_em):
     import zarr
 
     from tokenunify.io.zarrio import create_volume
+    from tokenunify.model import checkpoint as ckpt
     from tokenunify.model.emmamba import EMmamba, preset
-    from tokenunify.train import checkpoint as ckpt
 
     d = tmp_path_factory.mktemp("inf")
     g = zarr.open_group(str(d / "v.zarr"), mode="w")

@@ -9,8 +9,10 @@ import zarr
 from conftest import NEUROPROOF, need
 
 from tokenunify import download
-from tokenunify.config import DatasetSpec, DownloadConfig, SourceSpec, load_config
+from tokenunify.config import DownloadConfig, load_config
 from tokenunify.io import sources
+from tokenunify.io.datasets import DatasetSpec
+from tokenunify.io.sources import SourceSpec
 
 
 def spec_for(path, key="raw", labels=None, **kw):

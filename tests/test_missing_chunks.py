@@ -85,8 +85,8 @@ def test_missing_raw_or_labels_chunk_stops_finetune(tmp_path, tiny_em):
 def test_missing_validation_chunk_stops_finetune_before_training(tmp_path, tiny_em):
     import torch
 
+    from tokenunify.model import checkpoint as ckpt
     from tokenunify.model.emmamba import EMmamba, preset
-    from tokenunify.train import checkpoint as ckpt
     from tokenunify.train.finetune import FinetuneConfig, run
 
     t, v = tmp_path / "t.zarr", tmp_path / "v.zarr"

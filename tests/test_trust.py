@@ -21,11 +21,12 @@ import zarr
 
 from tokenunify import download, inference, tokenize
 from tokenunify.cli import main
-from tokenunify.config import DatasetSpec, TokenizeConfig, validate_config
+from tokenunify.config import TokenizeConfig, validate_config
+from tokenunify.io.datasets import DatasetSpec
 from tokenunify.io.identity import IDENTITY_FILE, Lineage, identity_of
 from tokenunify.io.locks import OutputBusy, hold_output, lock_file
+from tokenunify.model import checkpoint as ckpt
 from tokenunify.objectives import ObjectiveConfig
-from tokenunify.train import checkpoint as ckpt
 from tokenunify.train import finetune, pretrain
 
 

@@ -282,6 +282,6 @@ def test_seeded_ablation_through_the_workflow(tmp_path):
 
 
 def torch_load(path):
-    from tokenunify.train import checkpoint
+    from tokenunify.model import checkpoint
 
     return checkpoint.load(path)

@@ -17,8 +17,9 @@ import sys
 from pathlib import Path
 
 from tokenunify import __version__
-from tokenunify.config import DatasetSpec, DownloadConfig, PipelineConfig, TokenizeConfig, load_config
+from tokenunify.config import DownloadConfig, PipelineConfig, TokenizeConfig, load_config
 from tokenunify.errors import ConfigError
+from tokenunify.io.datasets import DatasetSpec
 from tokenunify.io.sources import SourceError
 from tokenunify.settings import defaults, from_section
 

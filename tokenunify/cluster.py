@@ -147,7 +147,7 @@ def planned_shape(data_zarr: str, spec) -> tuple[int, ...] | None:
 
     import zarr
 
-    from tokenunify.config import open_dataset
+    from tokenunify.io.datasets import open_dataset
 
     if os.path.exists(os.path.join(data_zarr, "zarr.json")):
         return tuple(zarr.open_group(data_zarr, mode="r")["raw"].shape)

@@ -26,7 +26,8 @@ import numpy as np
 import zarr
 from tqdm.auto import tqdm
 
-from tokenunify.config import DatasetSpec, DownloadConfig, open_dataset
+from tokenunify.config import DownloadConfig
+from tokenunify.io.datasets import DatasetSpec, open_dataset
 from tokenunify.io.identity import Lineage
 from tokenunify.io.sources import SourceError, Volume, read_mapping
 from tokenunify.io.zarrio import StagedOutput, blocks, create_volume, provenance

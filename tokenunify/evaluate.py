@@ -29,12 +29,10 @@ import pandas as pd
 import zarr
 
 from tokenunify.io.zarrio import require_complete
-from tokenunify.metrics import contingency_blockwise, scores
+from tokenunify.metrics import COLUMNS, contingency_blockwise, scores
 from tokenunify.settings import defaults
 
 log = logging.getLogger(__name__)
-COLUMNS = ["experiment", "dataset", "threshold", "voi_split", "voi_merge", "voi", "arand",
-           "n_segments", "gt_min_size", "gt_border_width"]
 
 
 _DEFAULTS = defaults("evaluate")

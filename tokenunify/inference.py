@@ -46,10 +46,12 @@ import numpy as np
 import torch
 import zarr
 
+from tokenunify.affinities import OFFSETS
 from tokenunify.cluster import DaskConfig, batch_of, dask_client
 from tokenunify.io.identity import Lineage
 from tokenunify.io.locks import exclusive
 from tokenunify.io.zarrio import StagedOutput, blocks, create_volume, provenance, require_complete, writable
+from tokenunify.model.inputs import normalize_windows
 from tokenunify.settings import defaults, from_section
 
 log = logging.getLogger(__name__)
@@ -149,8 +151,8 @@ LOADS = {"count": 0}  # checkpoint loads in this process (the model is loaded on
 
 def load_model(checkpoint: str | Path) -> torch.nn.Module:
     """The EMmamba of a checkpoint, loaded once per process (cached), in eval mode."""
+    from tokenunify.model import checkpoint as ckpt
     from tokenunify.model.emmamba import EMmamba, ModelConfig
-    from tokenunify.train import checkpoint as ckpt
 
     key = str(Path(checkpoint).resolve())
     with _MODELS_LOCK:
@@ -164,18 +166,6 @@ def load_model(checkpoint: str | Path) -> torch.nn.Module:
             LOADS["count"] += 1
             log.info("loaded %s on %s", checkpoint, device)
         return _MODELS[key]
-
-
-def normalize_windows(batch: np.ndarray) -> np.ndarray:
-    """uint8 windows (n, Z, Y, X) -> float32, each standardised by its own mean and std.
-
-    The same per-crop normalisation as pretraining (tokenize's default), so fine-tuning and
-    inference see inputs like the ones the encoder was pretrained on. It depends only on the
-    window, so it does not break block-size invariance."""
-    x = batch.astype(np.float32)
-    mean = x.mean(axis=(1, 2, 3), keepdims=True)
-    std = x.std(axis=(1, 2, 3), keepdims=True)
-    return (x - mean) / np.maximum(std, 1.0)
 
 
 def _predict(model, batch: np.ndarray, tta: bool) -> np.ndarray:
@@ -298,7 +288,7 @@ def run(volume: str | Path, checkpoint: str | Path, out: str | Path,
         batch: predict only this batch of ``cfg.batch_blocks`` blocks into the staging folder
             and return its path; None: predict every missing block and commit ``out``.
     """
-    from tokenunify.train import checkpoint as ckpt
+    from tokenunify.model import checkpoint as ckpt
 
     src = zarr.open_group(str(volume), mode="r")
     raw = src["raw"]
@@ -316,7 +306,7 @@ def run(volume: str | Path, checkpoint: str | Path, out: str | Path,
         root = zarr.open_group(str(stage.path), mode="a", zarr_format=3)
         create_volume(root, "affinities", raw.shape, block, cfg.dtype, raw.attrs["voxel_size"],
                       raw.attrs["offset"], channels=out_ch,
-                      attrs={"offsets": [[-1, 0, 0], [0, -1, 0], [0, 0, -1]],
+                      attrs={"offsets": [list(o) for o in OFFSETS],
                              "channel_order": ["z", "y", "x"],
                              "scale": 255.0 if cfg.dtype == "uint8" else 1.0,
                              "provenance": provenance("infer", lineage,

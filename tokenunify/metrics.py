@@ -33,6 +33,10 @@ from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
+# the columns of metrics.csv (evaluate writes them, the report reads them), one row per threshold
+COLUMNS = ["experiment", "dataset", "threshold", "voi_split", "voi_merge", "voi", "arand",
+           "n_segments", "gt_min_size", "gt_border_width"]
+
 
 @dataclass(frozen=True)
 class Contingency:

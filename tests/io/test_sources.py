@@ -15,9 +15,15 @@ import pytest
 import tifffile
 import zarr
 
-from tokenunify.config import MappingSpec, SourceSpec
 from tokenunify.io import remote
-from tokenunify.io.sources import MissingDataError, SourceError, open_source, read_mapping
+from tokenunify.io.sources import (
+    MappingSpec,
+    MissingDataError,
+    SourceError,
+    SourceSpec,
+    open_source,
+    read_mapping,
+)
 
 FULL = (slice(0, 6), slice(0, 20), slice(0, 24))
 

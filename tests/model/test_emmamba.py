@@ -85,7 +85,7 @@ def test_shapes_and_divisibility():
 def test_import_official_weights(tmp_path):
     """A checkpoint in the official layout: {'model': ...} with 'module.' prefixes, a pickled
     argparse.Namespace, a 'preciever' head and a 1-channel output conv."""
-    from tokenunify.train.checkpoint import CheckpointError
+    from tokenunify.model.checkpoint import CheckpointError
     from tokenunify.train.weights import import_official, read_state_dict
 
     torch.manual_seed(1)

@@ -10,8 +10,8 @@ import torch
 import zarr
 
 from tokenunify.io.zarrio import create_volume
+from tokenunify.model import checkpoint as ckpt
 from tokenunify.model.emmamba import EMmamba, preset
-from tokenunify.train import checkpoint as ckpt
 from tokenunify.train.augment import AugmentConfig
 from tokenunify.train.finetune import (
     FinetuneConfig,

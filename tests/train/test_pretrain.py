@@ -16,8 +16,8 @@ import zarr
 from tokenunify import tokenize
 from tokenunify.config import TokenizeConfig
 from tokenunify.io.zarrio import create_volume
+from tokenunify.model import checkpoint as ckpt
 from tokenunify.objectives import ObjectiveConfig
-from tokenunify.train import checkpoint as ckpt
 from tokenunify.train.loop import lr_at, param_groups
 from tokenunify.train.pretrain import PretrainConfig, run
 

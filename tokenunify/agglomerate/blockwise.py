@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 import zarr
 
+from tokenunify.affinities import OFFSETS
 from tokenunify.agglomerate import fragments as fr
 from tokenunify.agglomerate import levels as lv
 from tokenunify.agglomerate.graph import block_edges, reduce_edges, reduce_histograms, stitch
@@ -58,7 +59,6 @@ from tokenunify.io.zarrio import (
 from tokenunify.settings import defaults, from_section
 
 log = logging.getLogger(__name__)
-OFFSETS = [[-1, 0, 0], [0, -1, 0], [0, 0, -1]]
 
 
 _DEFAULTS = defaults("agglomerate")
@@ -141,7 +141,7 @@ def read_affinities(path: str | Path) -> tuple[zarr.Array, float]:
     if arr.ndim != 4 or arr.shape[0] != 3:
         raise ValueError(f"{path}/affinities: shape {arr.shape}, expected (3, z, y, x)")
     offs = arr.attrs.get("offsets")
-    if offs is not None and [list(map(int, o)) for o in offs] != OFFSETS:
+    if offs is not None and [tuple(map(int, o)) for o in offs] != list(OFFSETS):
         raise ValueError(f"{path}/affinities: attribute offsets {offs} do not match the "
                          f"pipeline's convention {OFFSETS}")
     order = arr.attrs.get("channel_order")

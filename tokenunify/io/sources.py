@@ -14,17 +14,16 @@ it reads as zeros, which tokenize later filters out. Nothing is ever silently ze
 from __future__ import annotations
 
 import logging
+import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, urlparse
 
 import numpy as np
 
+from tokenunify.errors import ConfigError
 from tokenunify.io import remote
-
-if TYPE_CHECKING:
-    from tokenunify.config import SourceSpec
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +32,51 @@ H5_SUFFIXES = (".h5", ".hdf", ".hdf5")
 TIFF_SUFFIXES = (".tif", ".tiff")
 SLICE_SUFFIXES = (".png",) + TIFF_SUFFIXES
 FILE_SUFFIXES = H5_SUFFIXES + TIFF_SUFFIXES + tuple(s + ".gz" for s in H5_SUFFIXES)
+
+
+@dataclass(frozen=True)
+class MappingSpec:
+    """Supervoxel -> body table: ``key`` in file ``source`` (None = the labels file)."""
+
+    key: str
+    source: str | None = None
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """One volume source (see the schema for the meaning of each field)."""
+
+    source: str
+    key: str | None = None
+    mip: int = 0
+    allow_missing: bool = False
+    intensity_range: tuple[float, float] | None = None
+    mapping: MappingSpec | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "source") -> SourceSpec:
+        d = dict(d)
+        d["source"] = expand_env(str(d["source"]), where)
+        if d.get("mapping"):
+            d["mapping"] = MappingSpec(**d["mapping"])
+        if d.get("intensity_range") is not None:
+            d["intensity_range"] = tuple(d["intensity_range"])
+        return cls(**d)
+
+
+_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def expand_env(value: str, where: str) -> str:
+    """Replace ``${VAR}`` with the environment variable's value (paths of shared data that
+    differ between machines); an unset variable is a ConfigError naming it and ``where``."""
+    def sub(m):
+        if m.group(1) not in os.environ:
+            raise ConfigError(f"{where}: environment variable {m.group(1)} is not set "
+                              f"(used in {value!r})")
+        return os.environ[m.group(1)]
+
+    return _ENV_RE.sub(sub, value)
 
 
 class SourceError(ValueError):
@@ -364,7 +408,7 @@ def _local_path(src: str, where: str) -> Path:
 
 
 def open_source(spec: SourceSpec, where: str = "source", fetch: bool = True) -> Volume | None:
-    """Open the volume a :class:`~tokenunify.config.SourceSpec` points at.
+    """Open the volume a :class:`SourceSpec` points at.
 
     Args:
         spec: the source spec from the config.

@@ -19,10 +19,11 @@ import numpy as np
 import pandas as pd
 import zarr
 
+from tokenunify.metrics import COLUMNS
+
 log = logging.getLogger(__name__)
 
-REQUIRED = ("experiment", "dataset", "threshold", "voi_split", "voi_merge", "voi", "arand",
-            "n_segments", "gt_min_size", "gt_border_width")
+REQUIRED = tuple(COLUMNS)  # every column evaluate writes
 # metrics.csv column -> column name shown in the paper-style table (TokenUnify Table 1 order)
 SCORE_COLUMNS = {"voi_merge": "VOI_M", "voi_split": "VOI_S", "voi": "VOI", "arand": "ARAND"}
 BENCH_COLUMNS = ("s", "max_rss")

@@ -15,7 +15,7 @@ Targets: nearest-neighbour affinities (plus optional long-range offsets) from th
 connects, and the first plane of each channel (no neighbour inside the crop) has weight 0.
 Loss: class-balanced weighted MSE, sum(w * (p - t)^2) / (batch * voxels), as the official code.
 Inputs are standardised per crop like pretraining and inference
-(:func:`tokenunify.inference.normalize_windows`).
+(:func:`tokenunify.model.inputs.normalize_windows`).
 
 Sampling and augmentation are seeded by (seed, step, sample) as in pretraining, so resume and
 DDP behave the same way.
@@ -37,12 +37,12 @@ from tqdm.auto import tqdm
 
 from tokenunify import affinities
 from tokenunify.agglomerate.scoring import DEFAULT as DEFAULT_SCORING
-from tokenunify.inference import normalize_windows
 from tokenunify.io.identity import Lineage
 from tokenunify.io.zarrio import StagedOutput, require_complete
+from tokenunify.model import checkpoint as ckpt
 from tokenunify.model.emmamba import EMmamba, ModelConfig
+from tokenunify.model.inputs import normalize_windows
 from tokenunify.settings import defaults
-from tokenunify.train import checkpoint as ckpt
 from tokenunify.train import distributed
 from tokenunify.train.augment import AugmentConfig, augment
 from tokenunify.train.loop import (

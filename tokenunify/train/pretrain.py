@@ -1,7 +1,7 @@
 """Pretraining stage: TokenUnify (or an ablation) on the tokenized crops of the pretrain datasets.
 
 Outputs in ``out`` (``results/models/{experiment}/pretrain``): ``checkpoint.pt`` (see
-:mod:`tokenunify.train.checkpoint`), ``metrics.jsonl`` (one line per logged step: total and
+:mod:`tokenunify.model.checkpoint`), ``metrics.jsonl`` (one line per logged step: total and
 per-task losses, curriculum weights, learning rate, tokens/s) and ``loss.png``.
 
 Determinism and resume: the crops of step s and every random choice of sample i (perturbation,
@@ -29,12 +29,12 @@ from tqdm.auto import tqdm
 
 from tokenunify.io.identity import Lineage
 from tokenunify.io.zarrio import StagedOutput
+from tokenunify.model import checkpoint as ckpt
 from tokenunify.model.emmamba import EMmamba, preset
 from tokenunify.objectives import OBJECTIVES, CurriculumConfig, ObjectiveConfig, TokenObjective
 from tokenunify.objectives import weights as curriculum_weights
 from tokenunify.settings import defaults
 from tokenunify.tokenize import TokenCrops
-from tokenunify.train import checkpoint as ckpt
 from tokenunify.train import distributed
 from tokenunify.train.loop import (
     OptimConfig,

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
+from tokenunify.model import checkpoint as ckpt
 from tokenunify.model.emmamba import EMmamba, ModelConfig
-from tokenunify.train import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
 
