@@ -48,9 +48,17 @@ import zarr
 
 from tokenunify.affinities import OFFSETS
 from tokenunify.cluster import DaskConfig, batch_of, dask_client
-from tokenunify.io.identity import Lineage
+from tokenunify.io.identity import Lineage, result_settings
 from tokenunify.io.locks import exclusive
-from tokenunify.io.zarrio import StagedOutput, blocks, create_volume, provenance, require_complete, writable
+from tokenunify.io.zarrio import (
+    StagedOutput,
+    blocks,
+    create_volume,
+    mark_done,
+    provenance,
+    require_complete,
+    writable,
+)
 from tokenunify.model.inputs import normalize_windows
 from tokenunify.settings import defaults, from_section
 
@@ -227,8 +235,9 @@ def _encode(aff: np.ndarray, dtype: str) -> np.ndarray:
     return aff.astype(np.float16)
 
 
-def _block_task(raw_path: str, out_path: str, checkpoint: str, idx, core, cfg: InferConfig,
-                done_dir: str) -> float:
+def _block_task(raw_path: str, out_path: str, checkpoint: str, idx, core, cfg: InferConfig
+                ) -> float:
+    """Predict one block into the staging folder ``out_path``, then leave its done marker."""
     t0 = time.perf_counter()
     # the same torch thread count wherever the task runs (a Dask nanny sets OMP_NUM_THREADS=1),
     # from the config only (not from snakemake --cores or the Dask threads): float sums, and so
@@ -238,16 +247,13 @@ def _block_task(raw_path: str, out_path: str, checkpoint: str, idx, core, cfg: I
     out = writable(zarr.open_group(out_path, mode="r+")["affinities"])
     aff = predict_block(raw, checkpoint, core, cfg)
     out[(slice(None),) + tuple(core)] = _encode(aff, cfg.dtype)
-    marker = Path(done_dir) / "_".join(str(i) for i in idx)
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.touch()  # only after the chunk is fully written
+    mark_done(out_path, "block", idx)  # only after the chunk is fully written
     dt = time.perf_counter() - t0
     log.info("block %s %s: %.2f s", idx, [(s.start, s.stop) for s in core], dt)
     return dt
 
 
-def _predict_blocks(todo: list, total: int, paths: tuple, done_dir: str, cfg: InferConfig,
-                    client=None) -> None:
+def _predict_blocks(todo: list, total: int, paths: tuple, cfg: InferConfig, client=None) -> None:
     """Run ``_block_task`` for each (index, core) of ``todo`` on ``client``, or else on
     ``cfg.dask``'s cluster (a LocalCluster for 'local'); ``paths``: (raw, staging, checkpoint)."""
     from distributed import Client, LocalCluster, as_completed
@@ -262,7 +268,7 @@ def _predict_blocks(todo: list, total: int, paths: tuple, done_dir: str, cfg: In
         elif client is None:
             client = started
         try:
-            futures = [client.submit(_block_task, *paths, i, b, cfg, done_dir, pure=False)
+            futures = [client.submit(_block_task, *paths, i, b, cfg, pure=False)
                        for i, b in todo]
             with tqdm(total=total, initial=total - len(todo), desc="infer", unit="block",
                       disable=None) as bar:
@@ -297,8 +303,7 @@ def run(volume: str | Path, checkpoint: str | Path, out: str | Path,
     out_ch = state["model_config"]["out_channels"]
     block = tuple(min(b, n) for b, n in zip(cfg.block, raw.shape, strict=True))
     # what changes the result (not where or in how many jobs it runs)
-    settings = {k: v for k, v in cfg.__dict__.items()
-                if k not in ("dask", "batch_blocks", "workers", "threads_per_worker")}
+    settings = result_settings(cfg.__dict__)
     settings["grid"] = GRID  # a staging folder of another window grid is never resumed
     lineage = Lineage.of("infer", settings, {"volume": volume, "checkpoint": checkpoint})
     with exclusive(out):  # batch jobs of this stage may start together
@@ -313,15 +318,14 @@ def run(volume: str | Path, checkpoint: str | Path, out: str | Path,
                                                       [str(volume), str(checkpoint)]),
                              "window": list(cfg.window), "overlap": list(cfg.overlap),
                              "tta": cfg.tta})
-    done_dir = stage.path / ".done" / "block"
     grid = list(blocks(raw.shape, block))
     mine = batch_of(grid, batch, cfg.batch_blocks)
     todo = [(i, b) for i, b in mine if not stage.is_done("block", i)]
     what = "all blocks" if batch is None else f"batch {batch}"
     log.info("%s (%s): %d of %d blocks to predict", volume, what, len(todo), len(mine))
     if todo:  # no cluster (and no worker jobs) when every block is done
-        _predict_blocks(todo, len(mine), (str(volume), str(stage.path), str(checkpoint)),
-                        str(done_dir), cfg, client)
+        _predict_blocks(todo, len(mine), (str(volume), str(stage.path), str(checkpoint)), cfg,
+                        client)
     if batch is not None:
         return stage.path
     return stage.commit()

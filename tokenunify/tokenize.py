@@ -35,7 +35,7 @@ import pandas as pd
 import zarr
 
 from tokenunify.config import TokenizeConfig
-from tokenunify.io.identity import Lineage
+from tokenunify.io.identity import Lineage, result_settings
 from tokenunify.io.zarrio import StagedOutput, create_array, provenance, require_complete
 
 log = logging.getLogger(__name__)
@@ -186,7 +186,7 @@ def run(volume: str | Path, out: str | Path, manifest: str | Path,
     norm_std = np.maximum(norm_std, 1e-6)
 
     # Pass 2: write the kept crops, one task per tile.
-    settings = {k: v for k, v in cfg.__dict__.items() if k not in ("scheduler", "workers")}
+    settings = result_settings(cfg.__dict__)
     stage = StagedOutput(out, Lineage.of("tokenize", {"cfg": settings, "array": array},
                                          {"volume": volume}))
     root = zarr.open_group(str(stage.path), mode="a", zarr_format=3)

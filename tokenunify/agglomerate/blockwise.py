@@ -45,13 +45,15 @@ from tokenunify.agglomerate.merge import TIES, MergeHistory, agglomerate_graph
 from tokenunify.agglomerate.reference import waterz_segmentations
 from tokenunify.agglomerate.scoring import parse
 from tokenunify.cluster import DaskConfig, batch_of, dask_client
-from tokenunify.io.identity import Lineage
+from tokenunify.io.identity import Lineage, result_settings
 from tokenunify.io.locks import exclusive
 from tokenunify.io.zarrio import (
     StagedOutput,
     blocks,
     create_array,
     create_volume,
+    mark_done,
+    marker_path,
     provenance,
     require_complete,
     writable,
@@ -158,16 +160,6 @@ def _float(a: np.ndarray, scale: float) -> np.ndarray:
     return a.astype(np.float32) / np.float32(scale) if scale != 1.0 else a.astype(np.float32)
 
 
-def _marker(work: Path, kind: str, idx) -> Path:
-    return work / ".done" / kind / "_".join(str(int(i)) for i in idx)
-
-
-def _mark(work: Path, kind: str, idx) -> None:
-    m = _marker(work, kind, idx)
-    m.parent.mkdir(parents=True, exist_ok=True)
-    m.touch()
-
-
 def _fragments_task(aff_path, scale, out, work, idx, box, tile, context, tile_z=1):
     aff = zarr.open_group(aff_path, mode="r")["affinities"]
     D, H, W = aff.shape[1:]
@@ -186,7 +178,7 @@ def _fragments_task(aff_path, scale, out, work, idx, box, tile, context, tile_z=
                                               core, tile, tile_z, context)
     writable(zarr.open_group(out, mode="r+")["fragments_local"])[box] = local
     np.save(Path(work) / "counts" / ("_".join(map(str, idx)) + ".npy"), counts)
-    _mark(Path(work), "fragments", idx)
+    mark_done(work, "fragments", idx)
 
 
 def _global_fragments(out, offsets, box, tile, shell=(0, 0, 0), tile_z=1) -> np.ndarray:
@@ -207,12 +199,12 @@ def _edges_task(aff_path, scale, out, work, idx, box, tile, offsets, hist_bins, 
     edges.to_parquet(Path(work) / "edges" / f"{name}.parquet")
     if hist is not None:
         hist.to_parquet(Path(work) / "edges" / f"{name}.hist.parquet")
-    _mark(Path(work), "edges", idx)
+    mark_done(work, "edges", idx)
 
 
 def _level_task(work, level, node, grids, fanout, frag_blocks, scoring, max_threshold):
     lv.node_task(work, level, node, grids, fanout, frag_blocks, scoring, max_threshold)
-    _mark(Path(work), f"level{level}", node)
+    mark_done(work, f"level{level}", node)
 
 
 def _relabel_task(out, work, idx, box, tile, offsets, luts: dict, tile_z=1):
@@ -221,7 +213,7 @@ def _relabel_task(out, work, idx, box, tile, offsets, luts: dict, tile_z=1):
     for name, lut in luts.items():
         writable(root[name])[box] = lut[frag]
     writable(root["fragments"])[box] = frag
-    _mark(Path(work), "relabel", idx)
+    mark_done(work, "relabel", idx)
 
 
 def _compute(tasks, cfg: AgglomerateConfig, desc: str, client=None) -> None:
@@ -267,7 +259,7 @@ class _Blockwise:
         _compute(tasks, self.cfg, desc, self.client)
 
     def _todo(self, kind: str, subset) -> list:
-        return [(i, b) for i, b in subset if not _marker(self.work, kind, i).exists()]
+        return [(i, b) for i, b in subset if not marker_path(self.work, kind, i).exists()]
 
     def fragments(self, subset) -> None:
         from dask import delayed
@@ -372,7 +364,7 @@ class _Blockwise:
         grids = [tuple(max(n[k] for n in ns) + 1 for k in range(3)) for ns in nodes]
         frag_blocks = lv.FragmentBlocks(offsets, c.tile, c.tile_depth, c.block, n_frag)
         subset = batch_of(nodes[level], batch, c.batch_blocks)
-        todo = [n for n in subset if not _marker(self.work, f"level{level}", n).exists()]
+        todo = [n for n in subset if not marker_path(self.work, f"level{level}", n).exists()]
         self._run([delayed(_level_task, pure=False)(str(self.work), level, n, grids,
                                                    c.hierarchy, frag_blocks, self.scoring,
                                                    max(c.thresholds))
@@ -423,8 +415,7 @@ def run(affinities: str | Path, out: str | Path, cfg: AgglomerateConfig | None =
     aff, scale = read_affinities(affinities)
     shape = aff.shape[1:]
     vs, off = aff.attrs.get("voxel_size", [1.0] * 3), aff.attrs.get("offset", [0.0] * 3)
-    settings = {k: v for k, v in asdict(cfg).items()
-                if k not in ("dask", "batch_blocks", "workers", "scheduler")}
+    settings = result_settings(asdict(cfg))
     settings["ties"] = TIES  # a staging folder merged with other tie rules is never resumed
     lineage = Lineage.of("agglomerate", {"cfg": settings, "shape": list(shape)},
                          {"affinities": affinities})

@@ -72,6 +72,17 @@ def identity_of(path: str | Path) -> str:
     return _stat_identity(path)
 
 
+#: Settings that decide where, in how many pieces or how verbosely a stage runs, never what it
+#: computes: left out of every stage's settings digest, so a resumed run may change them.
+RUNTIME_KEYS = frozenset({"workers", "threads_per_worker", "scheduler", "dask", "batch_blocks",
+                          "nproc", "log_every"})
+
+
+def result_settings(settings: dict) -> dict:
+    """``settings`` without the :data:`RUNTIME_KEYS`: what changes the result."""
+    return {k: v for k, v in settings.items() if k not in RUNTIME_KEYS}
+
+
 @dataclass(frozen=True)
 class Lineage:
     """What an output is made from: stage, settings digest and input identities.

@@ -167,6 +167,25 @@ def require_complete(array: zarr.Array, where: str) -> None:
         f"it", path, missing, total)
 
 
+def staging_path(final: str | Path) -> Path:
+    """The staging folder of output ``final``: ``final.partial`` beside it."""
+    final = Path(final)
+    return final.with_name(final.name + ".partial")
+
+
+def marker_path(staging: str | Path, kind: str, index) -> Path:
+    """The done marker of block (or node) ``index`` (a tuple) of ``kind`` in ``staging``."""
+    return Path(staging) / ".done" / kind / "_".join(str(int(i)) for i in index)
+
+
+def mark_done(staging: str | Path, kind: str, index) -> None:
+    """Leave the done marker of ``index``; call it only after the block's output is written
+    (workers call it with the staging folder's path; :meth:`StagedOutput.mark_done` too)."""
+    m = marker_path(staging, kind, index)
+    m.parent.mkdir(parents=True, exist_ok=True)
+    m.touch()
+
+
 class StagedOutput:
     """Build ``final`` under ``final.partial``; :meth:`commit` renames it into place.
 
@@ -180,7 +199,7 @@ class StagedOutput:
 
     def __init__(self, final: str | Path, lineage: Lineage):
         self.final = Path(final)
-        self.path = self.final.with_name(self.final.name + ".partial")
+        self.path = staging_path(self.final)
         self.lineage = lineage
         if self.path.exists():
             old = Lineage.read(self.path)
@@ -200,15 +219,13 @@ class StagedOutput:
 
     def marker(self, kind: str, index) -> Path:
         """Path of the done marker of block ``index`` (a tuple) of ``kind``."""
-        return self.path / ".done" / kind / "_".join(str(int(i)) for i in index)
+        return marker_path(self.path, kind, index)
 
     def is_done(self, kind: str, index) -> bool:
         return self.marker(kind, index).exists()
 
     def mark_done(self, kind: str, index) -> None:
-        m = self.marker(kind, index)
-        m.parent.mkdir(parents=True, exist_ok=True)
-        m.touch()
+        mark_done(self.path, kind, index)
 
     def commit(self) -> Path:
         """Drop markers, then atomically replace ``final`` with the staged folder (which

@@ -37,8 +37,8 @@ from tqdm.auto import tqdm
 
 from tokenunify import affinities
 from tokenunify.agglomerate.scoring import DEFAULT as DEFAULT_SCORING
-from tokenunify.io.identity import Lineage
-from tokenunify.io.zarrio import StagedOutput, require_complete
+from tokenunify.io.identity import Lineage, result_settings
+from tokenunify.io.zarrio import StagedOutput, require_complete, staging_path
 from tokenunify.model import checkpoint as ckpt
 from tokenunify.model.emmamba import EMmamba, ModelConfig
 from tokenunify.model.inputs import normalize_windows
@@ -238,13 +238,13 @@ def run(pretrained: str | Path, train_volumes: list, val_volumes: list, out: str
         vg = zarr.open_group(str(v), mode="r")
         for name in ("raw", "labels"):
             require_complete(vg[name], "finetune")
-    settings = {k: v for k, v in cfg.to_dict().items() if k not in ("nproc", "log_every")}
+    settings = result_settings(cfg.to_dict())
     lineage = Lineage.of("finetune", settings, {
         "pretrained": pretrained, "train": [str(v) for v in train_volumes],
         "validate": [str(v) for v in val_volumes]})
     stage = StagedOutput(out, lineage) if di.is_main else None
     distributed.barrier()
-    staging = Path(str(out) + ".partial")
+    staging = staging_path(out)
     if di.is_main:
         (staging / "load_report.json").write_text(json.dumps(
             {**report.as_dict(), "loaded_share": share, "trainable_parameters": n_train,

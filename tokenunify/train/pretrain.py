@@ -27,8 +27,8 @@ import torch.nn as nn
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from tokenunify.io.identity import Lineage
-from tokenunify.io.zarrio import StagedOutput
+from tokenunify.io.identity import Lineage, result_settings
+from tokenunify.io.zarrio import StagedOutput, staging_path
 from tokenunify.model import checkpoint as ckpt
 from tokenunify.model.emmamba import EMmamba, preset
 from tokenunify.objectives import OBJECTIVES, CurriculumConfig, ObjectiveConfig, TokenObjective
@@ -145,12 +145,12 @@ def run(token_paths: list[str | Path], out: str | Path, experiment: str, pretrai
     net = EMmamba(preset(cfg.model, out_channels=1))
     model = TokenObjective(net, sampler.crop, sampler.patch, cfg.objective, tasks).to(di.device)
     # what changes the weights (not the process count: N processes equal one)
-    settings = {k: v for k, v in cfg.to_dict().items() if k not in ("nproc", "log_every")}
+    settings = result_settings(cfg.to_dict())
     lineage = Lineage.of("pretrain", {"cfg": settings, "tasks": tasks},
                          {"tokens": [str(p) for p in token_paths]})
     stage = StagedOutput(out, lineage) if di.is_main else None
     distributed.barrier()
-    staging = Path(str(out) + ".partial")
+    staging = staging_path(out)
     optim = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: lr_at(s, cfg) / cfg.lr)
     start = 0
