@@ -195,10 +195,11 @@ def cmd_evaluate(args) -> None:
 
 def cmd_report(args) -> None:
     from tokenunify.report import build_report
+    from tokenunify.report.inputs import ReportInputs
 
     spec = _spec(args)
     report = {**defaults("report"), **spec.get("report", {})}
-    build_report(Path(args.results), Path(args.out), spec.get("experiments", []),
+    build_report(ReportInputs.from_json(args.inputs), Path(args.out), spec.get("experiments", []),
                  spec.get("test_datasets", []), spec.get("config", {}),
                  fixed_threshold=float(report["fixed_threshold"]),
                  validate_datasets=spec.get("validate_datasets", []), runs=spec.get("runs"),
@@ -306,7 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_evaluate)
 
     sp = sub.add_parser("report", help="the HTML report comparing the experiments")
-    sp.add_argument("--results", default="results", help="the results folder")
+    sp.add_argument("--inputs", required=True,
+                    help="JSON: every file to read, by role (metrics, segmentation, affinities, "
+                         "data, training, benchmarks; see tokenunify.report.inputs)")
     sp.add_argument("--out", required=True, help="output index.html")
     sp.add_argument("--spec", help="JSON: experiments, test_datasets, validate_datasets, "
                     "config, report")

@@ -14,6 +14,7 @@ import zarr
 from tokenunify.io.zarrio import create_volume
 from tokenunify.metrics import contingency, evaluate
 from tokenunify.report import build_report
+from tokenunify.report.inputs import ReportInputs
 from tokenunify.report.sections import largest_errors
 from tokenunify.report.tables import read_metrics, score_table
 
@@ -119,9 +120,23 @@ def results(tmp_path):
     return write_tree(tmp_path)
 
 
+def inputs(results, datasets=(DS,)) -> ReportInputs:
+    """The report's inputs in the fake tree, declared as the workflow declares them."""
+    return ReportInputs(
+        metrics={e: {d: str(results / e / d / "metrics.csv") for d in datasets}
+                 for e in EXPERIMENTS},
+        segmentation={e: {DS: str(results / e / DS / "segmentation.zarr")} for e in EXPERIMENTS},
+        affinities={e: {DS: str(results / e / DS / "affinities.zarr")} for e in EXPERIMENTS},
+        data={DS: str(results / "data" / f"{DS}.zarr")},
+        training={e: {s: str(results / "models" / e / s) for s in ("pretrain", "finetune")}
+                  for e in EXPERIMENTS},
+        benchmarks=str(results / "benchmarks"))
+
+
 def run(results, tmp_path, **kw):
     out = tmp_path / "report" / "report.html"
-    assert build_report(results, out, EXPERIMENTS, [DS], CONFIG, **kw) == out
+    given = inputs(results, (DS, *kw.get("validate_datasets", ())))
+    assert build_report(given, out, EXPERIMENTS, [DS], CONFIG, **kw) == out
     return out, out.read_text(encoding="utf-8")
 
 
@@ -146,7 +161,7 @@ def test_page_contents(results, tmp_path):
 
 
 def test_best_threshold_table_matches_csv(results, tmp_path):
-    metrics = read_metrics(results, EXPERIMENTS, [DS])
+    metrics = read_metrics(inputs(results), EXPERIMENTS, [DS])
     table = score_table(metrics, DS, EXPERIMENTS, 0.5)
     _, html = run(results, tmp_path)
     for exp in EXPERIMENTS:
@@ -164,7 +179,7 @@ def test_best_threshold_table_matches_csv(results, tmp_path):
 
 
 def test_fixed_threshold_takes_nearest(results):
-    metrics = read_metrics(results, EXPERIMENTS, [DS])
+    metrics = read_metrics(inputs(results), EXPERIMENTS, [DS])
     table = score_table(metrics, DS, EXPERIMENTS, 0.62)
     assert list(table[("fixed", "threshold")]) == [0.7, 0.7]
 
@@ -173,7 +188,7 @@ def test_missing_metrics_names_path(tmp_path):
     results = write_tree(tmp_path, exp_metrics=False)
     with pytest.raises(ValueError, match=re.escape(str(results / "tokenunify" / DS
                                                        / "metrics.csv"))):
-        build_report(results, tmp_path / "r.html", EXPERIMENTS, [DS], CONFIG)
+        build_report(inputs(results), tmp_path / "r.html", EXPERIMENTS, [DS], CONFIG)
     assert not (tmp_path / "r.html").exists()
 
 
@@ -181,7 +196,7 @@ def test_missing_column_names_file(results, tmp_path):
     path = results / "none" / DS / "metrics.csv"
     pd.read_csv(path).drop(columns=["voi_merge"]).to_csv(path, index=False)
     with pytest.raises(ValueError, match=r"metrics\.csv lacks required column\(s\) voi_merge"):
-        build_report(results, tmp_path / "r.html", EXPERIMENTS, [DS], CONFIG)
+        build_report(inputs(results), tmp_path / "r.html", EXPERIMENTS, [DS], CONFIG)
 
 
 def test_missing_optional_inputs_give_notes(results, tmp_path):
@@ -238,10 +253,11 @@ def test_threshold_chosen_on_validation_is_the_headline(results, tmp_path):
                            "voi_merge": 0.0, "voi": v, "arand": 0.1, "n_segments": 3,
                            "gt_min_size": 0, "gt_border_width": 0} for t, v in voi.items()]
                          ).to_csv(d / "metrics.csv", index=False)
-    val = read_metrics(results, EXPERIMENTS, list(vals))
+    val = read_metrics(inputs(results, list(vals)), EXPERIMENTS, list(vals))
     chosen = validated_thresholds(val)
     assert chosen == {"tokenunify": 0.3, "none": 0.3}
-    table = score_table(read_metrics(results, EXPERIMENTS, [DS]), DS, EXPERIMENTS, 0.5, chosen)
+    table = score_table(read_metrics(inputs(results), EXPERIMENTS, [DS]), DS, EXPERIMENTS, 0.5,
+                        chosen)
     assert list(dict.fromkeys(table.columns.get_level_values(0))) == ["validated", "fixed", "best"]
     for exp in EXPERIMENTS:
         csv = pd.read_csv(results / exp / DS / "metrics.csv").set_index("threshold")

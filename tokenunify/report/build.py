@@ -28,6 +28,7 @@ import pandas as pd
 import yaml
 
 from tokenunify.report import figures, page, seeds, tables
+from tokenunify.report.inputs import ReportInputs
 from tokenunify.report.sections import error_caption, load_section
 
 log = logging.getLogger(__name__)
@@ -39,11 +40,11 @@ def _anchor(*parts: str) -> str:
     return "-".join("".join(ch if ch.isalnum() else "_" for ch in p) for p in parts)
 
 
-def _intro(results: Path, config: dict, experiments: list[str], test_datasets: list[str],
-           runs: dict) -> str:
+def _intro(inputs: ReportInputs, config: dict, experiments: list[str],
+           test_datasets: list[str], runs: dict) -> str:
     body = page.para(f"Experiments: {', '.join(experiments)}. Test datasets: "
-                     f"{', '.join(test_datasets)}. Results folder: {results}.", "meta")
-    body += "<h3>Datasets</h3>\n" + page.simple_table(tables.datasets_table(config, results))
+                     f"{', '.join(test_datasets)}.", "meta")
+    body += "<h3>Datasets</h3>\n" + page.simple_table(tables.datasets_table(config, inputs))
     body += "<h3>Experiments</h3>\n" + page.simple_table(tables.experiments_table(
         config, experiments, runs))
     plain = json.loads(json.dumps(config, default=str))  # tuples -> lists, paths -> strings
@@ -146,11 +147,11 @@ def _curricula(logs: dict, runs: dict) -> str:
     return out
 
 
-def _training(results: Path, experiments: list[str], colors: dict[str, str],
+def _training(inputs: ReportInputs, experiments: list[str], colors: dict[str, str],
               runs: dict) -> str:
     body = ""
     for stage, what in (("pretrain", "Self-supervised pretraining"), ("finetune", "Fine-tuning")):
-        logs, missing = tables.read_training_logs(results, experiments, stage)
+        logs, missing = tables.read_training_logs(inputs, experiments, stage)
         part = page.notes(missing)
         uri = figures.loss_curves(logs, colors, stage)
         cap = (f"{what}: training loss per logged step (log scale), one line per experiment"
@@ -164,7 +165,7 @@ def _training(results: Path, experiments: list[str], colors: dict[str, str],
     return page.section("training", "Training curves", body)
 
 
-def _views(results: Path, metrics: pd.DataFrame, experiments: list[str],
+def _views(inputs: ReportInputs, metrics: pd.DataFrame, experiments: list[str],
            test_datasets: list[str], validated: dict[str, float]) -> str:
     which = "threshold chosen on validation" if validated else "best threshold"
     body = page.para(f"Middle z-section of each test volume at each experiment's {which}. "
@@ -177,7 +178,7 @@ def _views(results: Path, metrics: pd.DataFrame, experiments: list[str],
         part = ""
         for exp in experiments:
             t = float(best.loc[(exp, ds), "threshold"])
-            sec = load_section(results, exp, ds, t)
+            sec = load_section(inputs, exp, ds, t)
             uri = figures.section_views(sec, f"{exp} on {ds} (threshold {t:.3f})", t)
             part += page.notes([f"{exp}: {n}" for n in sec.notes])
             part += page.figure(uri, f"{exp} on {ds}, z = {sec.z}: {error_caption(sec)}",
@@ -186,12 +187,12 @@ def _views(results: Path, metrics: pd.DataFrame, experiments: list[str],
     return page.section("views", "Section views", body)
 
 
-def _runtimes(results: Path) -> str:
-    bench = tables.read_benchmarks(results)
+def _runtimes(benchmarks: str | None) -> str:
+    bench = tables.read_benchmarks(benchmarks)
     if bench.empty:
-        log.warning("no benchmark files under %s", results / "benchmarks")
+        log.warning("no benchmark files under %s", benchmarks)
         return page.section("runtimes", "Run times", page.note(
-            f"No benchmark files found under {results / 'benchmarks'}."))
+            f"No benchmark files found under {benchmarks}."))
     table = tables.runtime_table(bench)
     body = page.simple_table(table, {"jobs": 0, "total s": 1, "max RSS (MB)": 0})
     body += page.figure(figures.runtime_bars(table), "Total wall time per rule (sum over its "
@@ -202,7 +203,7 @@ def _runtimes(results: Path) -> str:
     return page.section("runtimes", "Run times", body)
 
 
-def build_report(results: Path, out: Path, experiments: list[str], test_datasets: list[str],
+def build_report(inputs: ReportInputs, out: Path, experiments: list[str], test_datasets: list[str],
                  config: dict, fixed_threshold: float = 0.5,
                  validate_datasets: list[str] | None = None, runs: dict | None = None,
                  baselines: list[str] | None = None) -> Path:
@@ -212,7 +213,7 @@ def build_report(results: Path, out: Path, experiments: list[str], test_datasets
     :func:`os.replace`, so ``out`` is never half-written.
 
     Args:
-        results: the run's ``results/`` folder (inputs are read relative to it).
+        inputs: every file to read, by role (:class:`~tokenunify.report.inputs.ReportInputs`).
         out: the HTML file to write.
         experiments: experiment names, in table/legend order.
         test_datasets: test dataset names.
@@ -232,11 +233,11 @@ def build_report(results: Path, out: Path, experiments: list[str], test_datasets
         ValueError: a ``metrics.csv`` of a requested experiment x dataset is missing or lacks a
             required column (the message names the file).
     """
-    results, out = Path(results), Path(out)
+    out = Path(out)
     experiments, test_datasets = list(experiments), list(test_datasets)
-    metrics = tables.read_metrics(results, experiments, test_datasets)
+    metrics = tables.read_metrics(inputs, experiments, test_datasets)
     validate_datasets = list(validate_datasets or [])
-    validated = (tables.validated_thresholds(tables.read_metrics(results, experiments,
+    validated = (tables.validated_thresholds(tables.read_metrics(inputs, experiments,
                                                                  validate_datasets))
                  if validate_datasets else {})
     colors = {e: f"C{i % 10}" for i, e in enumerate(experiments)}
@@ -247,14 +248,14 @@ def build_report(results: Path, out: Path, experiments: list[str], test_datasets
            *([("seeds", "Experiments over seeds")] if seeded else []),
            ("training", "Training curves"), ("views", "Section views"),
            ("runtimes", "Run times")]
-    body = (_intro(results, config, experiments, test_datasets, runs)
+    body = (_intro(inputs, config, experiments, test_datasets, runs)
             + _scores(metrics, experiments, test_datasets, colors, fixed_threshold, validated,
                       validate_datasets)
             + (_seeds(metrics, runs, test_datasets, validated, fixed_threshold,
                       list(baselines or [])) if seeded else "")
-            + _training(results, experiments, colors, runs)
-            + _views(results, metrics, experiments, test_datasets, validated)
-            + _runtimes(results))
+            + _training(inputs, experiments, colors, runs)
+            + _views(inputs, metrics, experiments, test_datasets, validated)
+            + _runtimes(inputs.benchmarks))
     generated = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     html = page.page(TITLE, generated, toc, body)
     out.parent.mkdir(parents=True, exist_ok=True)

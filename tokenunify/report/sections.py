@@ -21,6 +21,7 @@ import zarr
 
 from tokenunify.agglomerate.blockwise import threshold_name
 from tokenunify.metrics import Contingency, contingency_blockwise
+from tokenunify.report.inputs import ReportInputs
 
 log = logging.getLogger(__name__)
 
@@ -132,17 +133,16 @@ def _seg_array(group: zarr.Group, threshold: float, notes: list[str]) -> zarr.Ar
     return group[found]
 
 
-def load_section(results: Path, exp: str, ds: str, threshold: float) -> SectionData:
+def load_section(inputs: ReportInputs, exp: str, ds: str, threshold: float) -> SectionData:
     """Middle z-section images of ``exp`` on ``ds`` at ``threshold``, and its largest errors.
 
-    Reads ``data/{ds}.zarr`` (raw, labels), ``{exp}/{ds}/affinities.zarr`` and
-    ``{exp}/{ds}/segmentation.zarr``; anything missing is left None with a note (and a warning).
+    Reads the dataset's volume (raw, labels), and the run's affinities and segmentation of it;
+    anything missing is left None with a note (and a warning).
     """
-    results = Path(results)
     notes: list[str] = []
-    data = _open(results / "data" / f"{ds}.zarr", "input volume", notes)
-    seg_g = _open(results / exp / ds / "segmentation.zarr", "segmentation", notes)
-    aff_g = _open(results / exp / ds / "affinities.zarr", "affinities", notes)
+    data = _open(inputs.path("data", ds), "input volume", notes)
+    seg_g = _open(inputs.path("segmentation", exp, ds), "segmentation", notes)
+    aff_g = _open(inputs.path("affinities", exp, ds), "affinities", notes)
     raw_a = data["raw"] if data is not None and "raw" in data else None
     gt_a = data["labels"] if data is not None and "labels" in data else None
     seg_a = _seg_array(seg_g, threshold, notes) if seg_g is not None else None

@@ -1,12 +1,13 @@
 """Tables of the report: scores, datasets, experiments, run times, training logs (pandas).
 
-Every reader here takes paths relative to a run's ``results/`` folder:
+Every reader takes its files from :class:`~tokenunify.report.inputs.ReportInputs`:
 
-- ``{exp}/{ds}/metrics.csv``: one row per agglomeration threshold (VOI in bits, ARAND = 1 - Rand
-  F-score; lower is better for all). A missing file or column is an error (:class:`ValueError`
-  naming the file), because the report would otherwise silently compare fewer methods.
-- ``models/{exp}/{stage}/metrics.jsonl``: training logs; a missing one is only a note.
-- ``benchmarks/{rule}/**/*.tsv``: Snakemake benchmark files (seconds, MB).
+- ``metrics``: one ``metrics.csv`` per run and dataset, one row per agglomeration threshold (VOI
+  in bits, ARAND = 1 - Rand F-score; lower is better for all). A missing file or column is an
+  error (:class:`ValueError` naming the file), because the report would otherwise silently
+  compare fewer methods.
+- ``training``: model folders with their ``metrics.jsonl`` logs; a missing log is only a note.
+- ``benchmarks``: ``{rule}/**/*.tsv`` Snakemake benchmark files (seconds, MB).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import pandas as pd
 import zarr
 
 from tokenunify.metrics import COLUMNS
+from tokenunify.report.inputs import ReportInputs
 
 log = logging.getLogger(__name__)
 
@@ -29,16 +31,13 @@ SCORE_COLUMNS = {"voi_merge": "VOI_M", "voi_split": "VOI_S", "voi": "VOI", "aran
 BENCH_COLUMNS = ("s", "max_rss")
 
 
-def metrics_path(results: Path, exp: str, ds: str) -> Path:
-    return Path(results) / exp / ds / "metrics.csv"
-
-
-def read_metrics(results: Path, experiments: list[str], datasets: list[str]) -> pd.DataFrame:
+def read_metrics(inputs: ReportInputs, experiments: list[str], datasets: list[str]
+                 ) -> pd.DataFrame:
     """All ``metrics.csv`` files of ``experiments`` x ``datasets`` as one tidy frame.
 
     Returns:
         rows (experiment, dataset, threshold) sorted, with the :data:`REQUIRED` columns; the
-        ``experiment``/``dataset`` columns are taken from the file's location.
+        ``experiment``/``dataset`` columns are those the file was declared for.
 
     Raises:
         ValueError: a file is missing, unreadable, empty or lacks a required column (the message
@@ -47,7 +46,7 @@ def read_metrics(results: Path, experiments: list[str], datasets: list[str]) -> 
     frames = []
     for exp in experiments:
         for ds in datasets:
-            path = metrics_path(results, exp, ds)
+            path = inputs.path("metrics", exp, ds)
             if not path.is_file():
                 raise ValueError(f"missing metrics file for experiment {exp!r}, dataset {ds!r}: "
                                  f"{path}")
@@ -171,10 +170,10 @@ def _source_string(spec) -> str:
     return str(spec)
 
 
-def _voxel_size(results: Path, name: str, spec: dict) -> str:
+def _voxel_size(inputs: ReportInputs, name: str, spec: dict) -> str:
     vs = spec.get("voxel_size")
-    if vs is None:
-        path = Path(results) / "data" / f"{name}.zarr"
+    if vs is None and name in inputs.data:
+        path = inputs.path("data", name)
         try:
             vs = zarr.open_group(str(path), mode="r")["raw"].attrs.get("voxel_size")
         except (FileNotFoundError, KeyError):
@@ -182,10 +181,11 @@ def _voxel_size(results: Path, name: str, spec: dict) -> str:
     return " × ".join(f"{float(v):g}" for v in vs) if vs is not None else "—"
 
 
-def datasets_table(config: dict, results: Path) -> pd.DataFrame:
+def datasets_table(config: dict, inputs: ReportInputs) -> pd.DataFrame:
     """One row per configured dataset: roles, raw/labels sources and voxel size (nm, z × y × x).
 
-    The voxel size comes from the config, else from ``data/{ds}.zarr/raw`` attrs, else "—".
+    The voxel size comes from the config, else from the downloaded volume's ``raw`` attrs,
+    else "—".
     """
     rows = []
     for name, spec in (config.get("datasets") or {}).items():
@@ -194,7 +194,7 @@ def datasets_table(config: dict, results: Path) -> pd.DataFrame:
         rows.append({"dataset": name, "roles": ", ".join(spec.get("roles") or []),
                      "raw source": _source_string(raw),
                      "labels source": _source_string(spec.get("labels")),
-                     "voxel size (nm, z×y×x)": _voxel_size(results, name, spec),
+                     "voxel size (nm, z×y×x)": _voxel_size(inputs, name, spec),
                      "description": spec.get("description", "")})
     return pd.DataFrame(rows, columns=["dataset", "roles", "raw source", "labels source",
                                        "voxel size (nm, z×y×x)", "description"])
@@ -238,16 +238,16 @@ def read_jsonl(path: Path) -> pd.DataFrame | None:
     return df
 
 
-def read_training_logs(results: Path, experiments: list[str], stage: str
+def read_training_logs(inputs: ReportInputs, experiments: list[str], stage: str
                        ) -> tuple[dict[str, pd.DataFrame], list[str]]:
     """Logs of one stage (``pretrain`` / ``finetune``) per experiment, and notes on missing ones."""
     logs, notes = {}, []
     for exp in experiments:
-        path = Path(results) / "models" / exp / stage / "metrics.jsonl"
+        path = inputs.path("training", exp, stage) / "metrics.jsonl"
         df = read_jsonl(path)
         if df is None:
             log.warning("missing %s log: %s", stage, path)
-            notes.append(f"{exp}: no {stage} log ({path.relative_to(results)} is missing).")
+            notes.append(f"{exp}: no {stage} log ({path} is missing).")
         elif df.empty or "loss" not in df.columns:
             notes.append(f"{exp}: the {stage} log is empty"
                          + (" (no pretraining)." if stage == "pretrain" else "."))
@@ -256,16 +256,15 @@ def read_training_logs(results: Path, experiments: list[str], stage: str
     return logs, notes
 
 
-def read_benchmarks(results: Path) -> pd.DataFrame:
-    """Every ``benchmarks/{rule}/**/*.tsv`` file as one row per job.
+def read_benchmarks(root: str | Path | None) -> pd.DataFrame:
+    """Every ``{rule}/**/*.tsv`` file below the benchmarks folder ``root`` as one row per job.
 
     Returns:
         columns ``rule``, ``job`` (path below the rule folder, no ``.tsv``), ``s`` (wall seconds,
         mean over repeats) and ``max_rss`` (MB, max over repeats; NaN when not measured).
     """
-    root = Path(results) / "benchmarks"
     rows = []
-    for path in sorted(root.glob("*/**/*.tsv")):
+    for path in sorted(Path(root).glob("*/**/*.tsv")) if root is not None else []:
         rel = path.relative_to(root)
         try:
             df = pd.read_csv(path, sep="\t")

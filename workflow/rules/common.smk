@@ -208,6 +208,35 @@ def evaluate_spec(wildcards):
     return json.dumps({"evaluate": config["evaluate"]}, sort_keys=True)
 
 
+def report_inputs():
+    """Every file the report reads, by role (tokenunify.report.inputs.ReportInputs): the
+    metrics of the test and validate datasets, the test datasets' segmentations and affinities,
+    every downloaded volume (voxel sizes, sections) and every model folder (training logs)."""
+    scored = sorted(set(TEST_DATASETS) | set(VALIDATE_DATASETS))
+    per_run = lambda pattern, datasets: {  # noqa: E731
+        e: {d: pattern.format(experiment=e, dataset=d) for d in datasets} for e in EXPERIMENTS}
+    return {
+        "metrics": per_run("results/{experiment}/{dataset}/metrics.csv", scored),
+        "segmentation": per_run("results/{experiment}/{dataset}/segmentation.zarr", TEST_DATASETS),
+        "affinities": per_run("results/{experiment}/{dataset}/affinities.zarr", TEST_DATASETS),
+        "data": {d: f"results/data/{d}.zarr" for d in DATASETS},
+        "training": {e: {s: f"results/models/{e}/{s}" for s in ("pretrain", "finetune")}
+                     for e in EXPERIMENTS},
+    }
+
+
+def report_input_files(wildcards):
+    """The report rule's inputs: every path of report_inputs()."""
+    from tokenunify.report.inputs import ReportInputs
+
+    return ReportInputs(**report_inputs()).files()
+
+
+def report_inputs_json(wildcards):
+    """report_inputs() and the benchmarks folder, as the command's --inputs."""
+    return json.dumps({**report_inputs(), "benchmarks": "results/benchmarks"}, sort_keys=True)
+
+
 def report_spec(wildcards):
     """What the report needs to know: experiments, test and validate datasets (thresholds are
     chosen on the validate datasets' metrics), the config itself."""

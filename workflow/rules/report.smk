@@ -1,19 +1,13 @@
 # Stage 8: one self-contained HTML page comparing the experiments (tables, curves, sections).
 
 
+# Every file the report reads is an input (report_inputs in common.smk), passed to the command
+# as one JSON mapping by role; only the benchmark files are read from their folder.
+
+
 rule report:
     input:
-        metrics=expand(
-            "results/{experiment}/{dataset}/metrics.csv",
-            experiment=EXPERIMENTS,
-            dataset=sorted(set(TEST_DATASETS) | set(VALIDATE_DATASETS)),
-        ),
-        segmentations=expand(
-            "results/{experiment}/{dataset}/segmentation.zarr",
-            experiment=EXPERIMENTS,
-            dataset=TEST_DATASETS,
-        ),
-        models=expand("results/models/{experiment}/finetune", experiment=EXPERIMENTS),
+        report_input_files,
     output:
         report(
             "results/report/index.html",
@@ -26,8 +20,10 @@ rule report:
         "../../envs/tokenunify.yaml"
     params:
         spec=report_spec,
+        inputs=report_inputs_json,
     resources:
         mem_mb=4000,
         runtime=30,
     shell:
-        "tokenunify report --results results --out {output} --spec {params.spec:q} > {log} 2>&1"
+        "tokenunify report --inputs {params.inputs:q} --out {output} --spec {params.spec:q}"
+        " > {log} 2>&1"
