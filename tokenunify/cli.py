@@ -12,6 +12,7 @@ import dataclasses
 import errno
 import json
 import logging
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -159,7 +160,7 @@ def cmd_import_weights(args) -> None:
 def cmd_preview(args) -> None:
     from tokenunify.data.preview import save_preview
 
-    save_preview(args.out, args.real)
+    save_preview(args.out, args.real or os.environ.get("TOKENUNIFY_DATA"))
 
 
 def cmd_check(args) -> None:
@@ -223,7 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("preview", help="PNG of synthetic sections beside real EM sections")
     sp.add_argument("--out", default="synthetic_preview.png")
-    sp.add_argument("--real", default="../shared/data", help="folder with the real datasets")
+    sp.add_argument("--real", default=None,
+                    help="folder with the real datasets (default: $TOKENUNIFY_DATA; none: "
+                         "synthetic sections only)")
     sp.set_defaults(func=cmd_preview)
 
     sp = sub.add_parser("download", help="copy a declared dataset into results/data/NAME.zarr")

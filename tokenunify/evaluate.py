@@ -11,7 +11,7 @@ Optional ground-truth preparation, recorded in every row:
 - ``gt_min_size``: ground-truth bodies smaller than this many voxels become 0 (ignored);
 - ``gt_border_width``: the official ``seg_widen_border`` per section (boundaries widened by this
   many voxels on each side, set to 0). TokenUnify's MONAI evaluation path widens, its other path
-  does not (official-code.md §3); both are 0 (off) by default.
+  does not; both are 0 (off) by default.
 
 The contingency table is accumulated block by block, so memory is bounded by the block and the
 table; ground-truth preparation reads the labels whole when enabled.

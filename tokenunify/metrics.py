@@ -1,8 +1,9 @@
 """Segmentation metrics: VOI split / merge and adapted Rand error, from one sparse table.
 
-Definitions (../shared/notes/method.md), with ``gt`` the ground truth and ``seg`` the
-segmentation, voxels where ``gt`` is in ``ignore`` (default 0) left out, and ``n_ij`` the number
-of voxels with gt label i and seg label j (N in all, row sums a_i, column sums b_j)::
+Definitions (those of waterz's ``evaluate`` and CREMI: VOI in bits, ARAND = 1 - Rand F-score),
+with ``gt`` the ground truth and ``seg`` the segmentation, voxels where ``gt`` is in ``ignore``
+(default 0) left out, and ``n_ij`` the number of voxels with gt label i and seg label j (N in
+all, row sums a_i, column sums b_j)::
 
     VOI split = H(seg | gt) = sum_ij n_ij/N * log2(a_i / n_ij)   (over-segmentation)
     VOI merge = H(gt | seg) = sum_ij n_ij/N * log2(b_j / n_ij)   (under-segmentation)

@@ -1,7 +1,7 @@
 """Fragments (supervoxels) from affinities: the official seeded watershed per section, or
 waterz's 3-D watershed on the affinity graph in 3-D tiles (:func:`block_fragments_3d`).
 
-TokenUnify's post-processing (official-code.md §3, ``utils/fragment.py``, ``maxima_distance``)
+TokenUnify's post-processing (the official code's ``utils/fragment.py``, ``maxima_distance``)
 works on each z-section in 2-D:
 
 - boundary map ``b = 1 - (aff_y + aff_x) / 2``;

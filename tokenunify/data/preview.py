@@ -1,6 +1,6 @@
 """A PNG montage of synthetic sections beside real EM sections, for a by-eye check.
 
-``tokenunify preview --out preview.png [--real ../shared/data]`` renders a few sections of the
+``tokenunify preview --out preview.png [--real DATA]`` renders a few sections of the
 embedded generator (raw, and labels as random grey levels) and, when the real volumes are
 present, NeuroProof FIB-SEM and ISBI 2012 TEM sections at the same scale.
 """

@@ -7,7 +7,8 @@
   file always means damage; :func:`require_complete` finds one before a stage computes (zarr
   would read it as the fill value, 0, without a word).
 - Stages never write zarr through ``dask.array.to_zarr``, which silently loses data when two
-  tasks write one chunk (../shared/notes/install.md §1): every task writes whole chunks of its
+  tasks write one chunk (measured with dask's threaded scheduler: 15-30 % of voxels lost when
+  dask chunks are smaller than the zarr chunk or shard): every task writes whole chunks of its
   own (tokenize: one chunk per crop; infer: one chunk per block).
 - :class:`StagedOutput` builds an output directory under ``<name>.partial`` and renames it into
   place only when complete, so a crash never leaves a half-written output that looks finished,

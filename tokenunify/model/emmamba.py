@@ -1,6 +1,7 @@
 """EMmamba: the convolution + Mamba U-Net of TokenUnify (a SegMamba variant), with presets.
 
-Layout and state-dict names follow the official code (official-code.md §2.1), so its checkpoints
+Layout and state-dict names follow the official code (github.com/ydchen0806/TokenUnify, a SegMamba
+variant), so its checkpoints
 load: ``vit.*`` (the Mamba encoder), ``encoder1..5``, ``decoder5..1`` and ``out`` (MONAI UNETR
 blocks, re-implemented here with MONAI's module names so MONAI is not a dependency).
 

@@ -4,7 +4,8 @@
 to the encoder's bottleneck features (and self-attends), ``layers`` times, so the cost does not
 grow with the number of feature positions. :class:`TokenDecoder` then lets one learned query per
 token position read the latents and predicts that token's voxels. The official code has no such
-head (official-code.md §1.3); this follows the paper's description.
+head (its next-all task predicts tokens through a plain linear layer); this follows the
+paper's description.
 """
 
 from __future__ import annotations

@@ -9,9 +9,10 @@ each with its own causal depthwise conv, ``x_proj``, ``dt_proj``, ``A_log`` and 
   piece c going to p * nslices + c (suffix ``_s``).
 
 ``out = out_proj(y_forward + y_backward + y_slice)``. Parameter names and shapes are those of the
-official checkpoints (official-code.md §2.1), so their weights load unchanged. ``nslices`` is 5
-in the official weights; it is a parameter here (any divisor of the sequence length works, and a
-length that 5 does not divide is padded to the next multiple and cropped back).
+official checkpoints (the official code, github.com/ydchen0806/TokenUnify, ``model_segmamba``),
+so their weights load unchanged. ``nslices`` is 5 in the official weights; it is a parameter
+here (any divisor of the sequence length works, and a length that 5 does not divide is padded
+to the next multiple and cropped back).
 
 Initialisation follows upstream Mamba: ``A_log = log(1..N)``, ``D = 1``, ``dt_proj`` bias the
 inverse softplus of a log-uniform dt in [dt_min, dt_max], ``dt_proj`` weight uniform in

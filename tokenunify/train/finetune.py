@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from tokenunify import affinities
 from tokenunify.agglomerate.scoring import DEFAULT as DEFAULT_SCORING
 from tokenunify.io.identity import Lineage, result_settings
-from tokenunify.io.zarrio import StagedOutput, require_complete, staging_path
+from tokenunify.io.zarrio import require_complete
 from tokenunify.model import checkpoint as ckpt
 from tokenunify.model.emmamba import EMmamba, ModelConfig
 from tokenunify.model.inputs import normalize_windows
@@ -47,12 +47,11 @@ from tokenunify.train import distributed
 from tokenunify.train.augment import AugmentConfig, augment
 from tokenunify.train.loop import (
     OptimConfig,
+    TrainingRun,
     autocast,
     lr_at,
     param_groups,
-    plot_losses,
     set_threads,
-    truncate_metrics,
 )
 from tokenunify.train.weights import LoadReport, load_matching, read_checkpoint
 
@@ -242,38 +241,30 @@ def run(pretrained: str | Path, train_volumes: list, val_volumes: list, out: str
     lineage = Lineage.of("finetune", settings, {
         "pretrained": pretrained, "train": [str(v) for v in train_volumes],
         "validate": [str(v) for v in val_volumes]})
-    stage = StagedOutput(out, lineage) if di.is_main else None
-    distributed.barrier()
-    staging = staging_path(out)
+    frame = TrainingRun(out, lineage, di, experiment, "fine-tuning")
     if di.is_main:
-        (staging / "load_report.json").write_text(json.dumps(
+        (frame.path / "load_report.json").write_text(json.dumps(
             {**report.as_dict(), "loaded_share": share, "trainable_parameters": n_train,
              "part": cfg.part}, indent=1))
     optim = torch.optim.AdamW(param_groups(net, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: lr_at(s, cfg) / cfg.lr)
-    start, best_voi = 0, math.inf
-    last = staging / "last.pt"
-    if last.exists():
-        st = ckpt.load(last)
-        net.load_state_dict(st["model"])
-        optim.load_state_dict(st["optimizer"])
-        sched.load_state_dict(st["scheduler"])
-        ckpt.set_rng_state(st["rng"])
-        start, best_voi = int(st["step"]) + 1, float(st.get("best_voi", math.inf))
-        log.info("%s: resuming fine-tuning at step %d", experiment, start)
+
+    def restore(state: dict) -> None:
+        net.load_state_dict(state["model"])
+        optim.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+
+    start, resumed = frame.resume(restore)
+    best_voi = float(resumed.get("best_voi", math.inf))
     ddp = nn.parallel.DistributedDataParallel(net) if di.world > 1 else net
-    metrics_path = staging / "metrics.jsonl"
-    if di.is_main:
-        truncate_metrics(metrics_path, start)
     local = cfg.batch_size // di.world
 
-    def save(path: Path, step: int, extra: dict | None = None) -> None:
-        if di.is_main:
-            ckpt.save({"model": net.state_dict(), "model_config": mcfg.to_dict(),
-                       "optimizer": optim.state_dict(), "scheduler": sched.state_dict(),
-                       "step": step, "experiment": experiment, "best_voi": best_voi,
-                       "config": {"finetune": cfg.to_dict()}, "rng": ckpt.rng_state(),
-                       "offsets": [list(o) for o in cfg.offsets], **(extra or {})}, path)
+    def save(name: str, step: int, extra: dict | None = None) -> None:
+        frame.save(name, {"model": net.state_dict(), "model_config": mcfg.to_dict(),
+                          "optimizer": optim.state_dict(), "scheduler": sched.state_dict(),
+                          "step": step, "experiment": experiment, "best_voi": best_voi,
+                          "config": {"finetune": cfg.to_dict()},
+                          "offsets": [list(o) for o in cfg.offsets], **(extra or {})})
 
     quiet = True if not di.is_main else (None if progress is None else not progress)
     for step in tqdm(range(start, cfg.steps), desc=f"finetune {experiment}", unit="step",
@@ -296,21 +287,14 @@ def run(pretrained: str | Path, train_volumes: list, val_volumes: list, out: str
             rec.update(validate(net, val_volumes, cfg))
             if rec["val_voi"] < best_voi:
                 best_voi = rec["val_voi"]
-                save(staging / "checkpoint.pt", step, {"val": rec})
+                save("checkpoint.pt", step, {"val": rec})
         if di.is_main and (step % cfg.log_every == 0 or final or "val_voi" in rec):
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            frame.log(rec)
         if (step + 1) % cfg.checkpoint_every == 0 or final:
-            save(last, step)
+            save("last.pt", step)
         if stop_after is not None and step >= stop_after:
             distributed.teardown()
             return None
-    if di.is_main and (not val_volumes or not (staging / "checkpoint.pt").exists()):
-        save(staging / "checkpoint.pt", max(cfg.steps - 1, 0))
-    distributed.teardown()
-    if not di.is_main:
-        return None
-    metrics_path.touch()
-    plot_losses(metrics_path, staging / "loss.png", f"fine-tuning: {experiment}")
-    last.unlink(missing_ok=True)
-    return stage.commit()
+    if di.is_main and (not val_volumes or not (frame.path / "checkpoint.pt").exists()):
+        save("checkpoint.pt", max(cfg.steps - 1, 0))
+    return frame.finish(f"fine-tuning: {experiment}")

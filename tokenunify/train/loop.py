@@ -3,13 +3,15 @@
 :class:`OptimConfig` holds the settings both stages have (schedule, AdamW, clipping, logging,
 seed, precision, processes, CPU threads); ``set_threads`` fixes torch's CPU thread count,
 ``lr_at`` is the warm-up + half-cosine schedule, ``param_groups`` the AdamW grouping,
-``autocast`` the mixed-precision context, and ``truncate_metrics`` / ``plot_losses`` handle
-``metrics.jsonl`` and ``loss.png``.
+``autocast`` the mixed-precision context, ``truncate_metrics`` / ``plot_losses`` handle
+``metrics.jsonl`` and ``loss.png``, and :class:`TrainingRun` is the frame around both stages'
+step loops (staging, resume, metrics log, checkpoints, commit).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,9 +19,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-# the keys shared by pretrain and finetune have the same defaults (tests/test_settings.py)
 from tokenunify.settings import defaults
 
+log = logging.getLogger(__name__)
+# the keys shared by pretrain and finetune have the same defaults (tests/test_settings.py)
 _DEFAULTS = defaults("pretrain")
 
 
@@ -116,3 +119,75 @@ def plot_losses(metrics: Path, png: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)
+
+
+class TrainingRun:
+    """The frame both training stages share around their step loop.
+
+    Rank 0 owns the staging folder (:class:`~tokenunify.io.zarrio.StagedOutput`, resumed only
+    with the same settings and inputs); every rank can read it. :meth:`resume` restores the last
+    resume checkpoint (``last.pt``) and cuts ``metrics.jsonl`` back to it, :meth:`log` appends a
+    metrics line, :meth:`save` writes a checkpoint with the random state, and :meth:`finish`
+    draws ``loss.png``, drops ``last.pt`` and renames the folder into place.
+
+    Args:
+        out: the stage's output folder.
+        lineage: what the output is made from (its settings digest and inputs).
+        di: the process group (:func:`tokenunify.train.distributed.setup`).
+        experiment, stage: names for the log lines.
+    """
+
+    def __init__(self, out: str | Path, lineage, di, experiment: str, stage: str):
+        from tokenunify.io.zarrio import StagedOutput, staging_path
+        from tokenunify.train import distributed
+
+        self.di, self.experiment, self.stage = di, experiment, stage
+        self.staged = StagedOutput(out, lineage) if di.is_main else None
+        distributed.barrier()
+        self.path = staging_path(out)
+        self.last = self.path / "last.pt"
+        self.metrics = self.path / "metrics.jsonl"
+
+    def resume(self, restore) -> tuple[int, dict]:
+        """(first step to run, the resume checkpoint or {}): when ``last.pt`` exists,
+        ``restore(state)`` loads the model and optimiser from it and the random state is
+        restored; the metrics lines of steps to be redone are dropped (rank 0)."""
+        from tokenunify.model import checkpoint as ckpt
+
+        start, state = 0, {}
+        if self.last.exists():
+            state = ckpt.load(self.last)
+            restore(state)
+            ckpt.set_rng_state(state["rng"])
+            start = int(state["step"]) + 1
+            log.info("%s: resuming %s at step %d", self.experiment, self.stage, start)
+        if self.di.is_main:
+            truncate_metrics(self.metrics, start)
+        return start, state
+
+    def log(self, record: dict) -> None:
+        """Append one line to ``metrics.jsonl`` (rank 0)."""
+        if self.di.is_main:
+            with open(self.metrics, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def save(self, name: str, state: dict) -> None:
+        """Write checkpoint ``name`` (e.g. ``last.pt``) of ``state`` and the random state
+        (rank 0)."""
+        from tokenunify.model import checkpoint as ckpt
+
+        if self.di.is_main:
+            ckpt.save({**state, "rng": ckpt.rng_state()}, self.path / name)
+
+    def finish(self, title: str) -> Path | None:
+        """End the process group; on rank 0 draw ``loss.png``, drop ``last.pt`` and commit.
+        Returns the output folder (rank 0) or None."""
+        from tokenunify.train import distributed
+
+        distributed.teardown()
+        if not self.di.is_main:
+            return None
+        self.metrics.touch()
+        plot_losses(self.metrics, self.path / "loss.png", title)
+        self.last.unlink(missing_ok=True)
+        return self.staged.commit()

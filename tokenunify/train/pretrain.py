@@ -14,7 +14,6 @@ Work happens in ``{out}.partial`` (checkpoint every ``checkpoint_every`` steps) 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -28,7 +27,6 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from tokenunify.io.identity import Lineage, result_settings
-from tokenunify.io.zarrio import StagedOutput, staging_path
 from tokenunify.model import checkpoint as ckpt
 from tokenunify.model.emmamba import EMmamba, preset
 from tokenunify.objectives import OBJECTIVES, CurriculumConfig, ObjectiveConfig, TokenObjective
@@ -38,12 +36,11 @@ from tokenunify.tokenize import TokenCrops
 from tokenunify.train import distributed
 from tokenunify.train.loop import (
     OptimConfig,
+    TrainingRun,
     autocast,
     lr_at,
     param_groups,
-    plot_losses,
     set_threads,
-    truncate_metrics,
 )
 
 log = logging.getLogger(__name__)
@@ -148,31 +145,23 @@ def run(token_paths: list[str | Path], out: str | Path, experiment: str, pretrai
     settings = result_settings(cfg.to_dict())
     lineage = Lineage.of("pretrain", {"cfg": settings, "tasks": tasks},
                          {"tokens": [str(p) for p in token_paths]})
-    stage = StagedOutput(out, lineage) if di.is_main else None
-    distributed.barrier()
-    staging = staging_path(out)
+    frame = TrainingRun(out, lineage, di, experiment, "pretraining")
     optim = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: lr_at(s, cfg) / cfg.lr)
-    start = 0
-    last = staging / "last.pt"
-    if last.exists() and tasks:
-        state = ckpt.load(last)
+
+    def restore(state: dict) -> None:
         model.load_state_dict({**{f"net.{k}": v for k, v in state["model"].items()},
                                **state.get("heads", {})})
         optim.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        ckpt.set_rng_state(state["rng"])
-        start = int(state["step"]) + 1
-        log.info("%s: resuming pretraining at step %d", experiment, start)
+
+    start, _ = frame.resume(restore)  # no last.pt without tasks: nothing is trained
     ddp = model
     if di.world > 1 and tasks:
         ddp = nn.parallel.DistributedDataParallel(
             model, device_ids=[di.device.index] if di.device.type == "cuda" else None)
     use_scaler = di.device.type == "cuda" and cfg.precision == "fp16"
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-    metrics_path = staging / "metrics.jsonl"
-    if di.is_main:
-        truncate_metrics(metrics_path, start)
     local = cfg.batch_size // di.world
     K = model.K
     steps = cfg.steps if tasks else 0
@@ -181,12 +170,12 @@ def run(token_paths: list[str | Path], out: str | Path, experiment: str, pretrai
         if not di.is_main:
             return
         heads = {k: v for k, v in model.state_dict().items() if not k.startswith("net.")}
-        ckpt.save({"model": net.state_dict(), "heads": heads, "model_config": net.config.to_dict(),
-                   "optimizer": optim.state_dict(), "scheduler": sched.state_dict(),
-                   "step": step, "experiment": experiment, "pretraining": pretraining,
-                   "config": {"pretrain": cfg.to_dict(), "pipeline": config_snapshot or {}},
-                   "rng": ckpt.rng_state(), "crop": list(sampler.crop),
-                   "patch": list(sampler.patch)}, staging / ("checkpoint.pt" if final else "last.pt"))
+        frame.save("checkpoint.pt" if final else "last.pt", {
+            "model": net.state_dict(), "heads": heads, "model_config": net.config.to_dict(),
+            "optimizer": optim.state_dict(), "scheduler": sched.state_dict(), "step": step,
+            "experiment": experiment, "pretraining": pretraining,
+            "config": {"pretrain": cfg.to_dict(), "pipeline": config_snapshot or {}},
+            "crop": list(sampler.crop), "patch": list(sampler.patch)})
 
     # disable=None: a bar on terminals only (not in Snakemake's log files), rank 0 only
     quiet = True if not di.is_main else (None if progress is None else not progress)
@@ -220,11 +209,9 @@ def run(token_paths: list[str | Path], out: str | Path, experiment: str, pretrai
         else:
             loss_v = float(loss.detach())
         if di.is_main and (step % cfg.log_every == 0 or step == steps - 1):
-            rec = {"step": step, "loss": loss_v, **{f"loss_{k}": v for k, v in parts.items()},
-                   **{f"w_{k}": v for k, v in w.items()}, "lr": sched.get_last_lr()[0],
-                   "grad_norm": grad_norm, "tokens_per_s": cfg.batch_size * K / dt}
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            frame.log({"step": step, "loss": loss_v, **{f"loss_{k}": v for k, v in parts.items()},
+                       **{f"w_{k}": v for k, v in w.items()}, "lr": sched.get_last_lr()[0],
+                       "grad_norm": grad_norm, "tokens_per_s": cfg.batch_size * K / dt})
             bar.set_postfix(loss=f"{loss_v:.4f}")
         if (step + 1) % cfg.checkpoint_every == 0 or step == steps - 1:
             save_checkpoint(step)
@@ -232,13 +219,7 @@ def run(token_paths: list[str | Path], out: str | Path, experiment: str, pretrai
             distributed.teardown()
             return None
     save_checkpoint(max(steps - 1, 0), final=True)
-    distributed.teardown()
-    if not di.is_main:
-        return None
-    metrics_path.touch()
-    plot_losses(metrics_path, staging / "loss.png", f"pretraining: {experiment} ({pretraining})")
-    (staging / "last.pt").unlink(missing_ok=True)
-    return stage.commit()
+    return frame.finish(f"pretraining: {experiment} ({pretraining})")
 
 
 __all__ = ["PretrainConfig", "run", "lr_at", "param_groups", "CropSampler"]

@@ -1,7 +1,7 @@
 """Loading official TokenUnify / SegMamba weights (and our own) into EMmamba, with a report.
 
 Official checkpoints are ``{'model': state_dict, ...}`` whose keys may carry DDP's ``module.``
-prefix; their names are those of :mod:`tokenunify.model.emmamba` (official-code.md §2.1-2.2).
+prefix; their names are those of :mod:`tokenunify.model.emmamba` (as in github.com/ydchen0806/TokenUnify).
 Keys are matched by name: equal shapes load, different shapes (e.g. the output conv, 1 channel
 in pretraining vs 3 affinities) are dropped and listed, ours without a counterpart stay as
 initialised and are listed as missing, theirs without a counterpart (``preciever.*``) are listed
