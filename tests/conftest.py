@@ -13,6 +13,15 @@ SHARED_DATA = Path(os.environ.get("TOKENUNIFY_SHARED_DATA", REPO.parent / "share
 NEUROPROOF = SHARED_DATA / "neuroproof_fib_medulla_250"
 GALA = SHARED_DATA / "gala_fib_example"
 ISBI = SHARED_DATA / "isbi2012_membrane_2d"
+# the public addresses of the real datasets (config/examples) -> their local copies
+GITHUB = "https://raw.githubusercontent.com"
+MIRROR = ";".join([
+    f"{GITHUB}/janelia-flyem/neuroproof_examples/ce839e17deaf4c01153827c6d028dfecfbb4b958/"
+    f"training_sample2={NEUROPROOF}",
+    f"{GITHUB}/janelia-flyem/gala/db73a1c84d8a99975a2a8fb68660a83d8889ab1e/tests/example-data="
+    f"{GALA}",
+    f"{GITHUB}/zhixuhao/unet/b45af4d458437d8281cc218a07fd4380818ece4a/data/membrane/train={ISBI}",
+])
 
 
 @pytest.fixture(autouse=True, scope="session")

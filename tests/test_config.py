@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import pytest
 import yaml
-from conftest import GALA, NEUROPROOF, REPO, SHARED_DATA, need
+from conftest import GALA, ISBI, MIRROR, NEUROPROOF, REPO, need
 
 from tokenunify.config import (
     ConfigError,
@@ -282,13 +282,17 @@ def test_cli_check_names_the_key(tmp_path, caplog):
 
 @pytest.mark.parametrize("name, env", [("config/config.yaml", {}),
                                        ("config/examples/neuroproof.yaml",
-                                        {"TOKENUNIFY_DATA": str(SHARED_DATA)})])
+                                        {"TOKENUNIFY_MIRROR": MIRROR}),
+                                       ("config/examples/neuroproof_ablation.yaml",
+                                        {"TOKENUNIFY_MIRROR": MIRROR})])
 def test_shipped_configs_pass_the_deep_check(name, env, monkeypatch):
     """The demo, and the examples whose data is here, pass every check (the other examples
-    point at placeholder paths or remote data)."""
+    point at placeholder paths). The real datasets' public addresses are read from the local
+    copies through TOKENUNIFY_MIRROR, with their SHA-256 checked."""
     if env:
         need(NEUROPROOF)
         need(GALA)
+        need(ISBI)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     check_config(yaml.safe_load((REPO / name).read_text()))

@@ -177,6 +177,43 @@ def test_remote_h5_over_http_and_hf(tmp_path, vol, http_root, monkeypatch):
         open_source(SourceSpec("hf://datasets/org/em/absent.h5", key="main"))
 
 
+def test_remote_slice_stack_checksums_and_mirror(tmp_path, vol, http_root, monkeypatch):
+    """A URL with {first..last} is a stack of slices fetched in order (zero padding kept); its
+    sha256 is that of the slices' bytes in order. A wrong sha256 is an error naming the URL
+    and both digests, and nothing enters the cache; TOKENUNIFY_MIRROR reads a local copy."""
+    import imageio.v3 as iio
+
+    root, base = http_root
+    for z in range(vol.shape[0]):
+        iio.imwrite(root / f"s{8 + z:02d}.png", vol[z])
+    url = f"{base}/s{{08..13}}.png"
+    assert remote.expand_range(url)[:2] == [f"{base}/s08.png", f"{base}/s09.png"]
+    digest = remote.sha256_of([root / f"s{8 + z:02d}.png" for z in range(vol.shape[0])])
+    bad = "0" * 64
+    with pytest.raises(SourceError, match=rf"s\{{08..13\}}.png: SHA-256 {digest} does not match "
+                                          rf"the source's sha256 {bad}"):
+        open_source(SourceSpec(url, sha256=bad))
+    assert remote.cached_path(url) is None and not list(remote.cache_dir().glob("*.part"))
+    np.testing.assert_array_equal(read_all(SourceSpec(url, sha256=digest))[1], vol)
+    # one remote file: checked the same way
+    with h5py.File(root / "x.h5", "w") as f:
+        f["main"] = vol
+    with pytest.raises(SourceError, match="does not match the source's sha256"):
+        open_source(SourceSpec(f"{base}/x.h5", key="main", sha256=bad))
+    assert remote.cached_path(f"{base}/x.h5") is None
+    # a mirror: the same URLs read from a local folder, without the server
+    local = tmp_path / "copy"
+    shutil.copytree(root, local)
+    monkeypatch.setenv("TOKENUNIFY_MIRROR", f"https://example.org/data={local}")
+    monkeypatch.setenv("TOKENUNIFY_CACHE", str(tmp_path / "cache2"))
+    mirrored = "https://example.org/data/s{08..13}.png"
+    np.testing.assert_array_equal(read_all(SourceSpec(mirrored, sha256=digest))[1], vol)
+    sha = remote.sha256_of([root / "x.h5"])
+    assert remote.fetch("https://example.org/data/x.h5", sha256=sha) == local / "x.h5"
+    with pytest.raises(OSError, match="TOKENUNIFY_MIRROR copy .* does not exist"):
+        remote.fetch("https://example.org/data/absent.h5")
+
+
 def test_mapping_table(tmp_path):
     p = tmp_path / "gt.h5"
     with h5py.File(p, "w") as f:

@@ -4,6 +4,15 @@ Files land in ``$TOKENUNIFY_CACHE`` (default ``~/.cache/tokenunify``) under a na
 the URL, written to a temporary name and renamed when complete, so an interrupted fetch never
 leaves a truncated file that looks whole. (hf:// files fetched through huggingface_hub, when it
 is installed, stay in huggingface_hub's own cache instead.)
+
+- A source's ``sha256`` is checked before a fetched file enters the cache: a mismatch is an
+  error naming the URL and both digests, and nothing is cached.
+- A URL with one integer range ``{first..last}`` (``.../iso.{2600..2849}.png``) is a stack of
+  slices: each is fetched, in order, into one cache folder read as a slice folder; its
+  ``sha256`` is that of all slices' bytes concatenated in order (``cat iso.*.png | sha256sum``).
+- ``TOKENUNIFY_MIRROR`` lists local copies of remote folders, ``URL_PREFIX=DIR`` separated by
+  ``;``: a URL under a prefix is read from the folder instead of the network (and still checked
+  against its ``sha256``). The tests use it to read the public example data from a local copy.
 """
 
 from __future__ import annotations
@@ -12,6 +21,7 @@ import gzip
 import hashlib
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -71,23 +81,117 @@ def hf_resolve_url(url: str) -> str:
     return f"{endpoint}/{prefix}{repo_id}/resolve/{quote(revision, safe='')}/{quote(path)}"
 
 
+RANGE_RE = re.compile(r"\{(\d+)\.\.(\d+)\}")
+
+
+def expand_range(url: str) -> list[str] | None:
+    """The URLs of a slice stack ``...{first..last}...`` in order (zero padding kept when
+    ``first`` has it); None when ``url`` has no range."""
+    m = RANGE_RE.search(url)
+    if m is None:
+        return None
+    a, b = m.group(1), m.group(2)
+    if int(b) < int(a) or RANGE_RE.search(url, m.end()):
+        raise ValueError(f"{url}: give one range {{first..last}} with first <= last")
+    width = len(a) if a.startswith("0") and len(a) > 1 else 0
+    return [url[:m.start()] + str(i).zfill(width) + url[m.end():]
+            for i in range(int(a), int(b) + 1)]
+
+
+def mirrored(url: str) -> Path | None:
+    """The local copy of ``url`` under a ``TOKENUNIFY_MIRROR`` prefix, or None."""
+    for entry in filter(None, os.environ.get("TOKENUNIFY_MIRROR", "").split(";")):
+        prefix, sep, folder = entry.partition("=")
+        if not sep:
+            raise ValueError(f"TOKENUNIFY_MIRROR entry {entry!r} is not URL_PREFIX=DIR")
+        if url.startswith(prefix.rstrip("/") + "/"):
+            return Path(folder) / url[len(prefix.rstrip("/")) + 1:]
+    return None
+
+
+def is_mirrored(url: str) -> bool:
+    """Whether ``url`` (or the first slice of a stack) has a local ``TOKENUNIFY_MIRROR`` copy."""
+    first = (expand_range(url) or [url])[0]
+    local = mirrored(first)
+    return local is not None and local.is_file()
+
+
+def sha256_of(paths: list[Path]) -> str:
+    """SHA-256 of the files' bytes, concatenated in order."""
+    h = hashlib.sha256()
+    for p in paths:
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _check(paths: list[Path], sha256: str | None, url: str) -> None:
+    if sha256 is None:
+        return
+    got = sha256_of(paths)
+    if got != sha256.lower():
+        raise OSError(f"{url}: SHA-256 {got} does not match the source's sha256 {sha256}; "
+                      "the file changed upstream or the download is damaged (nothing was cached)")
+
+
 def cached_path(url: str) -> Path | None:
-    """Where a remote file would be cached, if it already is; else None."""
+    """Where a remote file (or slice stack) would be cached, if it already is; else None."""
+    if expand_range(url) is not None:
+        p = _cache_name(url, ".slices")
+        return p if p.is_dir() else None
     p = _cache_name(url, _suffix_of(url))
     return p if p.is_file() else None
 
 
-def fetch(url: str, progress: bool | None = None, timeout: float = 60.0) -> Path:
+def fetch_stack(url: str, sha256: str | None = None, progress: bool | None = None,
+                timeout: float = 60.0) -> Path:
+    """Fetch the slice stack ``url`` (with ``{first..last}``) into one cache folder, once; the
+    files are numbered in order (``00000.png``, ...) so the folder reads as the stack."""
+    dest = _cache_name(url, ".slices")
+    if dest.is_dir():
+        return dest
+    urls = expand_range(url)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=dest.name, suffix=".part"))
+    try:
+        names = []
+        for i, u in enumerate(tqdm(urls, desc=Path(url).name, unit="file",
+                                   disable=None if progress is None else not progress)):
+            names.append(fetch(u, progress=False, timeout=timeout,
+                               into=tmp / f"{i:05d}{_suffix_of(u)}"))
+        _check(names, sha256, url)
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def fetch(url: str, progress: bool | None = None, timeout: float = 60.0,
+          sha256: str | None = None, into: Path | None = None) -> Path:
     """Download ``url`` (http, https or hf://) into the cache, once; return the local path.
 
     hf:// files go through ``huggingface_hub.hf_hub_download`` when that package is installed,
     and through the plain ``/resolve/`` HTTP endpoint otherwise (token from ``HF_TOKEN``).
 
+    A URL under a ``TOKENUNIFY_MIRROR`` prefix is read from its local copy (checked against
+    ``sha256``, not copied). ``into``: write the file there instead of the cache (the slices of
+    a stack, into the stack's folder being built).
+
     Raises:
-        OSError: the server answered with an error, or the body was shorter than announced.
+        OSError: the server answered with an error, the body was shorter than announced, or the
+            file's SHA-256 is not ``sha256``.
     """
-    dest = _cache_name(url, _suffix_of(url))
-    if dest.is_file():
+    local = mirrored(url)
+    if local is not None:
+        if not local.is_file():
+            raise OSError(f"{url}: its TOKENUNIFY_MIRROR copy {local} does not exist")
+        _check([local], sha256, url)
+        if into is not None:
+            shutil.copyfile(local, into)
+            return into
+        return local
+    dest = into if into is not None else _cache_name(url, _suffix_of(url))
+    if dest.is_file() and into is None:
         return dest
     if url.startswith("hf://"):
         try:
@@ -96,8 +200,9 @@ def fetch(url: str, progress: bool | None = None, timeout: float = 60.0) -> Path
             http_url = hf_resolve_url(url)
         else:
             repo_type, repo_id, revision, path = parse_hf(url)
-            local = hf_hub_download(repo_id, path, repo_type=repo_type, revision=revision)
-            return Path(local)
+            local = Path(hf_hub_download(repo_id, path, repo_type=repo_type, revision=revision))
+            _check([local], sha256, url)
+            return local
     else:
         http_url = url
     headers = {}
@@ -121,6 +226,7 @@ def fetch(url: str, progress: bool | None = None, timeout: float = 60.0) -> Path
                     bar.update(len(block))
             if total is not None and got != total and "Content-Encoding" not in r.headers:
                 raise OSError(f"GET {http_url}: got {got} bytes of {total}")
+            _check([Path(tmp)], sha256, url)
             os.replace(tmp, dest)
         finally:
             if os.path.exists(tmp):

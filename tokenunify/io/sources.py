@@ -52,6 +52,7 @@ class SourceSpec:
     allow_missing: bool = False
     intensity_range: tuple[float, float] | None = None
     mapping: MappingSpec | None = None
+    sha256: str | None = None  # of a remote file (or slice stack), checked when fetched
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "source") -> SourceSpec:
@@ -423,15 +424,25 @@ def open_source(spec: SourceSpec, where: str = "source", fetch: bool = True) -> 
     low = src.lower().split("?")[0]
     if src.startswith("synthetic://"):
         return SyntheticVolume(src, spec.key, where)
+    # a remote file not fetched yet is checked by the download job (a local mirror: now)
+    unfetched = (not fetch and remote.cached_path(src) is None and not remote.is_mirrored(src))
+    if src.startswith(("http://", "https://", "hf://")) and remote.RANGE_RE.search(src):
+        if unfetched:
+            return None
+        try:
+            path = remote.fetch_stack(src, spec.sha256)
+        except (OSError, ValueError) as exc:
+            raise SourceError(f"{where}.source: cannot fetch {src}: {exc}") from exc
+        return SliceFolder(path, where, spec.allow_missing)
     if src.startswith(("precomputed://", "gs://", "s3://")) or (
         src.startswith(("http://", "https://")) and not low.endswith(FILE_SUFFIXES)
     ):
         return PrecomputedVolume(src, spec.mip, where, spec.allow_missing)
     if src.startswith(("http://", "https://", "hf://")):
-        if not fetch and remote.cached_path(src) is None:
+        if unfetched:
             return None
         try:
-            path = remote.fetch(src)
+            path = remote.fetch(src, sha256=spec.sha256)
         except (OSError, ValueError) as exc:
             raise SourceError(f"{where}.source: cannot fetch {src}: {exc}") from exc
         return _open_local(path, spec, where, url=src)
