@@ -17,7 +17,7 @@ from tokenunify.errors import ConfigError
 from tokenunify.evaluate import EvaluateConfig
 from tokenunify.inference import InferConfig
 from tokenunify.objectives.curriculum import CurriculumConfig
-from tokenunify.objectives.tasks import ObjectiveConfig
+from tokenunify.objectives.token_tasks import ObjectiveConfig
 from tokenunify.settings import defaults, from_section, section_schema
 from tokenunify.train.augment import AugmentConfig
 from tokenunify.train.finetune import FinetuneConfig

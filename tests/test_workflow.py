@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,36 +23,14 @@ from conftest import REPO
 
 pytestmark = pytest.mark.workflow
 SNAKEFILE = REPO / "workflow" / "Snakefile"
-SYN = "synthetic://em?shape=16,64,64&seed={seed}"
+TEST_DIR = REPO / ".test"
 
 
 def tiny_config(workdir: Path) -> dict:
-    with h5py.File(workdir / "vol.h5", "w") as f:
-        f["raw"] = np.random.default_rng(0).integers(20, 230, (16, 64, 64), dtype=np.uint8)
-        f["labels"] = np.ones((16, 64, 64), np.uint32)
-    return {
-        "datasets": {
-            "pre": {"raw": {"source": SYN.format(seed=1), "key": "raw"}, "roles": ["pretrain"]},
-            "lab": {"raw": {"source": SYN.format(seed=2), "key": "raw"},
-                    "labels": {"source": SYN.format(seed=2), "key": "labels"},
-                    "roles": ["train", "test"]},
-            "h5": {"raw": {"source": "vol.h5", "key": "raw"},
-                   "labels": {"source": "vol.h5", "key": "labels"},
-                   "voxel_size": [40, 8, 8], "roles": ["validate"]},
-        },
-        "experiments": {"tokenunify": {"pretraining": "tokenunify"},
-                        "none": {"pretraining": "none"}},
-        "download": {"block": [8, 64, 64]},
-        "tokenize": {"crop": [16, 32, 32], "patch": [4, 16, 16]},
-        "pretrain": {"steps": 3, "batch_size": 2, "warmup_steps": 1, "checkpoint_every": 2},
-        "finetune": {"crop": [16, 32, 32], "steps": 2, "batch_size": 2, "warmup_steps": 1,
-                     "validate_every": 2, "thresholds": [0.5]},
-        # 2 infer blocks in 2 batch jobs; 8 agglomerate blocks in 2 batch jobs per phase
-        "infer": {"block": [16, 32, 64], "window": [16, 32, 32], "overlap": [8, 16, 16],
-                  "batch_blocks": 1},
-        "agglomerate": {"block": [8, 32, 32], "tile": 32, "context": 8,
-                        "thresholds": [0.3, 0.5, 0.7], "batch_blocks": 4},
-    }
+    """The workflow's test configuration, .test/config/config.yaml (the Snakemake template's
+    convention), with its data copied into ``workdir``; returned as a dict to vary."""
+    shutil.copytree(TEST_DIR / "data", workdir / "data", dirs_exist_ok=True)
+    return yaml.safe_load((TEST_DIR / "config" / "config.yaml").read_text())
 
 
 def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
@@ -170,7 +149,7 @@ def _bad_shapes(cfg, wd):
     with h5py.File(wd / "other.h5", "w") as f:
         f["labels"] = np.ones((16, 64, 65), np.uint32)
     cfg["datasets"]["h5"]["labels"] = {"source": "other.h5", "key": "labels"}
-    return "raw shape [16, 64, 64] (z, y, x) from vol.h5 and labels shape [16, 64, 65]"
+    return "raw shape [16, 64, 64] (z, y, x) from data/vol.h5 and labels shape [16, 64, 65]"
 
 
 @pytest.mark.parametrize("breaker", [_bad_typo, _bad_role, _bad_missing_file, _bad_h5_key,

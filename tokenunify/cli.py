@@ -152,7 +152,7 @@ def cmd_infer(args) -> None:
 
 def cmd_import_weights(args) -> None:
     from tokenunify.model.emmamba import preset
-    from tokenunify.train.weights import import_official
+    from tokenunify.model.loading import import_official
 
     import_official(args.src, args.out, preset(args.preset, out_channels=args.out_channels))
 

@@ -150,10 +150,10 @@ def run(volume: str | Path, out: str | Path, manifest: str | Path,
         sched["num_workers"] = cfg.workers
 
     # Pass 1: exact per-crop statistics, one task per tile.
-    tasks = [dask.delayed(_tile_stats)(src, pos[g], cfg.crop, cfg.min_section_std)
+    jobs = [dask.delayed(_tile_stats)(src, pos[g], cfg.crop, cfg.min_section_std)
              for g in groups]
     stats = np.empty((len(pos), len(STAT_FIELDS)), np.int64)
-    for g, st in zip(groups, dask.compute(*tasks, **sched), strict=True):
+    for g, st in zip(groups, dask.compute(*jobs, **sched), strict=True):
         stats[g] = st
     df = pd.DataFrame(stats, columns=list(STAT_FIELDS))
     df.insert(0, "z", pos[:, 0])

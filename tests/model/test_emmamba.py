@@ -86,7 +86,7 @@ def test_import_official_weights(tmp_path):
     """A checkpoint in the official layout: {'model': ...} with 'module.' prefixes, a pickled
     argparse.Namespace, a 'preciever' head and a 1-channel output conv."""
     from tokenunify.model.checkpoint import CheckpointError
-    from tokenunify.train.weights import import_official, read_state_dict
+    from tokenunify.model.loading import import_official, read_state_dict
 
     torch.manual_seed(1)
     theirs = EMmamba(preset("tiny"))

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from tokenunify.model.emmamba import EMmamba, preset
-from tokenunify.objectives import CurriculumConfig, ObjectiveConfig, TokenObjective, weights
-from tokenunify.objectives.tasks import patchify, path_order
+from tokenunify.objectives import CurriculumConfig, ObjectiveConfig, TokenObjective, task_weights
+from tokenunify.objectives.token_tasks import patchify, path_order
 
 CROP, PATCH = (16, 32, 32), (4, 16, 16)  # 4 x 2 x 2 = 16 tokens
 
@@ -56,17 +56,17 @@ def test_random_masking_replaces_the_chosen_fraction(objective):
 
 def test_losses_are_finite_and_tasks_selectable(objective):
     x = torch.randn(2, 1, *CROP)
-    total, parts = objective(x, [3, 4], weights(0.5))
+    total, parts = objective(x, [3, 4], task_weights(0.5))
     assert set(parts) == {"random", "next", "next_all"} and torch.isfinite(total)
     mae = TokenObjective(EMmamba(preset("tiny")), CROP, PATCH, tasks=("random",))
-    _, parts = mae(x, [3, 4], weights(0.5, active=("random",)))
+    _, parts = mae(x, [3, 4], task_weights(0.5, active=("random",)))
     assert set(parts) == {"random"} and not hasattr(mae, "resampler")
 
 
 @pytest.mark.parametrize("t, dominant", [(0.05, "random"), (0.15, "random"), (0.5, "next"),
                                          (0.6, "next"), (0.85, "next_all"), (1.0, "next_all")])
 def test_curriculum_phases(t, dominant):
-    w = weights(t)
+    w = task_weights(t)
     assert sum(w.values()) == pytest.approx(1.0)
     assert max(w, key=w.get) == dominant
     assert w[dominant] == pytest.approx(0.73, abs=0.02)
@@ -76,13 +76,13 @@ def test_curriculum_phases(t, dominant):
 
 def test_curriculum_is_smooth_and_configurable():
     ts = torch.linspace(0, 1, 201).tolist()
-    seq = [weights(t)["next"] for t in ts]
+    seq = [task_weights(t)["next"] for t in ts]
     assert max(abs(a - b) for a, b in zip(seq, seq[1:], strict=False)) < 0.1  # no jumps
-    assert min(min(weights(t).values()) for t in ts) > 0.05  # auxiliaries never vanish
-    w = weights(0.3, CurriculumConfig())
+    assert min(min(task_weights(t).values()) for t in ts) > 0.05  # auxiliaries never vanish
+    w = task_weights(0.3, CurriculumConfig())
     assert w["random"] == pytest.approx(w["next"])  # the boundary is the midpoint
     custom = CurriculumConfig(boundaries=(0.5, 0.9), dominant=0.6, auxiliary=(0.3, 0.1))
-    assert weights(0.4, custom)["random"] == pytest.approx(0.6, abs=0.02)
-    assert weights(0.4, custom, active=("random",)) == {"random": 1.0}
+    assert task_weights(0.4, custom)["random"] == pytest.approx(0.6, abs=0.02)
+    assert task_weights(0.4, custom, active=("random",)) == {"random": 1.0}
     with pytest.raises(ValueError, match="boundaries"):
         CurriculumConfig(boundaries=(0.7, 0.3))

@@ -13,7 +13,7 @@ rerun after a crash redoes only what is missing (state lives in ``segmentation.z
 5. ``relabel``: per block, fragments -> segments through one lookup table per threshold.
 
 Memory per task is bounded by the block (plus context); the global step holds only the graph.
-``method: waterz`` runs ``waterz.agglomerate`` on the whole volume instead (``reference.py``).
+``method: waterz`` runs ``waterz.agglomerate`` on the whole volume instead (``whole_volume.py``).
 
 Batches (``batch_blocks``, :mod:`tokenunify.cluster`): ``run(..., phase=P, batch=i)`` runs phase
 P (``fragments``, ``edges``, ``relabel``) for batch i only, or the global ``merge``, finishing
@@ -42,8 +42,8 @@ from tokenunify.agglomerate import fragments as fr
 from tokenunify.agglomerate import levels as lv
 from tokenunify.agglomerate.graph import block_edges, reduce_edges, reduce_histograms, stitch
 from tokenunify.agglomerate.merge import TIES, MergeHistory, agglomerate_graph
-from tokenunify.agglomerate.reference import waterz_segmentations
 from tokenunify.agglomerate.scoring import parse
+from tokenunify.agglomerate.whole_volume import waterz_segmentations
 from tokenunify.cluster import DaskConfig, batch_of, dask_client
 from tokenunify.io.identity import Lineage, result_settings
 from tokenunify.io.locks import exclusive

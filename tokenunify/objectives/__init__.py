@@ -1,7 +1,7 @@
 """Pretraining objectives: random, next and next-all token prediction, and their curriculum."""
 
-from tokenunify.objectives.curriculum import TASKS, CurriculumConfig, weights
-from tokenunify.objectives.tasks import OBJECTIVES, ObjectiveConfig, TokenObjective
+from tokenunify.objectives.curriculum import TASKS, CurriculumConfig, task_weights
+from tokenunify.objectives.token_tasks import OBJECTIVES, ObjectiveConfig, TokenObjective
 
 __all__ = ["TASKS", "OBJECTIVES", "CurriculumConfig", "ObjectiveConfig", "TokenObjective",
-           "weights"]
+           "task_weights"]

@@ -46,7 +46,7 @@ def phase_weights(cfg: CurriculumConfig) -> np.ndarray:
                      [far, near, d]])  # next-all dominant
 
 
-def weights(t: float, cfg: CurriculumConfig = CurriculumConfig(),
+def task_weights(t: float, cfg: CurriculumConfig = CurriculumConfig(),
             active: tuple[str, ...] = TASKS) -> dict[str, float]:
     """Task weights at training progress t (0..1), over the active tasks (sum 1)."""
     t = float(np.clip(t, 0.0, 1.0))

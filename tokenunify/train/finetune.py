@@ -42,6 +42,7 @@ from tokenunify.io.zarrio import require_complete
 from tokenunify.model import checkpoint as ckpt
 from tokenunify.model.emmamba import EMmamba, ModelConfig
 from tokenunify.model.inputs import normalize_windows
+from tokenunify.model.loading import LoadReport, load_matching, read_checkpoint
 from tokenunify.settings import defaults
 from tokenunify.train import distributed
 from tokenunify.train.augment import AugmentConfig, augment
@@ -53,7 +54,6 @@ from tokenunify.train.loop import (
     param_groups,
     set_threads,
 )
-from tokenunify.train.weights import LoadReport, load_matching, read_checkpoint
 
 log = logging.getLogger(__name__)
 HEAD = "out."  # EMmamba.out: the output conv, whose channels differ from pretraining

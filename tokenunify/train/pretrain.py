@@ -29,8 +29,7 @@ from tqdm.auto import tqdm
 from tokenunify.io.identity import Lineage, result_settings
 from tokenunify.model import checkpoint as ckpt
 from tokenunify.model.emmamba import EMmamba, preset
-from tokenunify.objectives import OBJECTIVES, CurriculumConfig, ObjectiveConfig, TokenObjective
-from tokenunify.objectives import weights as curriculum_weights
+from tokenunify.objectives import OBJECTIVES, CurriculumConfig, ObjectiveConfig, TokenObjective, task_weights
 from tokenunify.settings import defaults
 from tokenunify.tokenize import TokenCrops
 from tokenunify.train import distributed
@@ -187,7 +186,7 @@ def run(token_paths: list[str | Path], out: str | Path, experiment: str, pretrai
         sl = slice(di.rank * local, (di.rank + 1) * local)
         x = np.stack([perturb(xi, s, cfg) for xi, s in zip(xs[sl], seeds[sl], strict=True)])
         x = torch.from_numpy(x).to(di.device)
-        w = curriculum_weights(step / max(1, steps - 1), cfg.curriculum, tasks)
+        w = task_weights(step / max(1, steps - 1), cfg.curriculum, tasks)
         with autocast(di.device, cfg.precision):
             loss, parts = ddp(x, seeds[sl], w)
         optim.zero_grad(set_to_none=True)

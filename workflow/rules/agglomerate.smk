@@ -18,7 +18,7 @@ rule agglomerate_phase:
     log:
         "logs/agglomerate/{experiment}/{dataset}.{phase}{batch}.log",
     conda:
-        "../../envs/tokenunify.yaml"
+        "../envs/tokenunify.yaml"
     params:
         spec=agglomerate_spec,
         out="results/{experiment}/{dataset}/segmentation.zarr",
@@ -46,7 +46,7 @@ rule agglomerate_barrier:
     log:
         "logs/agglomerate/{experiment}/{dataset}.{phase}.log",
     conda:
-        "../../envs/tokenunify.yaml"
+        "../envs/tokenunify.yaml"
     shell:
         "echo every batch of {wildcards.phase} is done > {log} && touch {output}"
 
@@ -60,7 +60,7 @@ rule agglomerate_merge:
     log:
         "logs/agglomerate/{experiment}/{dataset}.merge.log",
     conda:
-        "../../envs/tokenunify.yaml"
+        "../envs/tokenunify.yaml"
     params:
         spec=agglomerate_spec,
         out="results/{experiment}/{dataset}/segmentation.zarr",
@@ -84,7 +84,7 @@ rule agglomerate:
     benchmark:
         "results/benchmarks/agglomerate/{experiment}/{dataset}.tsv"
     conda:
-        "../../envs/tokenunify.yaml"
+        "../envs/tokenunify.yaml"
     params:
         spec=agglomerate_spec,
     threads: 2

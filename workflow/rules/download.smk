@@ -9,7 +9,7 @@ rule download:
     benchmark:
         "results/benchmarks/download/{dataset}.tsv"
     conda:
-        "../../envs/tokenunify.yaml"
+        "../envs/tokenunify.yaml"
     params:
         spec=download_spec,
     threads: 2

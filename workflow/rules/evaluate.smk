@@ -17,7 +17,7 @@ rule evaluate:
     benchmark:
         "results/benchmarks/evaluate/{experiment}/{dataset}.tsv"
     conda:
-        "../../envs/tokenunify.yaml"
+        "../envs/tokenunify.yaml"
     params:
         spec=evaluate_spec,
     resources:

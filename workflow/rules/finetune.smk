@@ -13,7 +13,7 @@ rule finetune:
     benchmark:
         "results/benchmarks/finetune/{experiment}.tsv"
     conda:
-        "../../envs/tokenunify.yaml"
+        "../envs/tokenunify.yaml"
     params:
         spec=finetune_spec,
     threads: 2

@@ -13,7 +13,7 @@ rule infer_batch:
     log:
         "logs/infer/{experiment}/{dataset}.batch{batch}.log",
     conda:
-        "../../envs/tokenunify.yaml"
+        "../envs/tokenunify.yaml"
     params:
         spec=infer_spec,
         out="results/{experiment}/{dataset}/affinities.zarr",
@@ -39,7 +39,7 @@ rule infer:
     benchmark:
         "results/benchmarks/infer/{experiment}/{dataset}.tsv"
     conda:
-        "../../envs/tokenunify.yaml"
+        "../envs/tokenunify.yaml"
     params:
         spec=infer_spec,
     threads: 2

@@ -11,7 +11,7 @@ rule pretrain:
     benchmark:
         "results/benchmarks/pretrain/{experiment}.tsv"
     conda:
-        "../../envs/tokenunify.yaml"
+        "../envs/tokenunify.yaml"
     params:
         spec=pretrain_spec,
     threads: 2

@@ -17,7 +17,7 @@ rule report:
     log:
         "logs/report/report.log",
     conda:
-        "../../envs/tokenunify.yaml"
+        "../envs/tokenunify.yaml"
     params:
         spec=report_spec,
         inputs=report_inputs_json,

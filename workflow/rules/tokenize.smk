@@ -12,7 +12,7 @@ rule tokenize:
     benchmark:
         "results/benchmarks/tokenize/{dataset}.tsv"
     conda:
-        "../../envs/tokenunify.yaml"
+        "../envs/tokenunify.yaml"
     params:
         spec=tokenize_spec,
     threads: 2

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run by Snakemake after it creates envs/tokenunify.yaml (`--sdm conda`): install this checkout
+# Run by Snakemake after it creates workflow/envs/tokenunify.yaml (`--sdm conda`): install this checkout
 # into the new env. Snakemake runs this copy from .snakemake/conda/, two levels below the
 # directory snakemake runs in; TOKENUNIFY_SRC overrides where the package source is.
 set -euo pipefail
