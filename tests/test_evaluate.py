@@ -11,6 +11,7 @@ from skimage.metrics import adapted_rand_error, variation_of_information
 from tokenunify.affinities import widen_borders
 from tokenunify.evaluate import COLUMNS, EvaluateConfig, run
 from tokenunify.io.zarrio import create_volume
+from tokenunify.settings import from_section
 
 
 def write(tmp_path, labels, segs: dict, name="seg.zarr"):
@@ -79,8 +80,8 @@ def test_bad_input_is_named(volumes, tmp_path):
     with pytest.raises(ValueError, match="threshold_0.500 is empty"):
         run(seg, vol, tmp_path / "m.csv", "e", "d")
     assert not (tmp_path / "m.csv").exists()
-    with pytest.raises(ValueError, match="gt_min_size"):
-        EvaluateConfig(gt_min_size=-1)
+    with pytest.raises(ValueError, match="evaluate.gt_min_size: -1 is less than the minimum"):
+        from_section(EvaluateConfig, {"gt_min_size": -1}, "evaluate")
 
 
 def test_all_zero_labels_are_an_error_not_empty_metrics(volumes, tmp_path):

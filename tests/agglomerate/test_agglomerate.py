@@ -23,6 +23,7 @@ from tokenunify.agglomerate.graph import block_edges
 from tokenunify.agglomerate.scoring import discretize
 from tokenunify.io.zarrio import create_volume
 from tokenunify.metrics import evaluate
+from tokenunify.settings import from_section
 
 MEAN = "OneMinus<MeanAffinity<RegionGraphType, ScoreValue>>"
 THRESHOLDS = (0.3, 0.5, 0.7)
@@ -184,8 +185,8 @@ def test_resume_redoes_only_missing_blocks(synthetic, tmp_path, monkeypatch):
 
 def test_bad_input_is_named(synthetic, tmp_path):
     _, _, aff = synthetic
-    with pytest.raises(ValueError, match=r"agglomerate.thresholds.*1.5"):
-        AgglomerateConfig(thresholds=(0.5, 1.5))
+    with pytest.raises(ValueError, match=r"agglomerate.thresholds\[1\]: 1.5 is greater than"):
+        from_section(AgglomerateConfig, {"thresholds": [0.5, 1.5]}, "agglomerate")
     with pytest.raises(ValueError, match="multiples of agglomerate.tile"):
         AgglomerateConfig(block=(8, 100, 128), tile=64)
     with pytest.raises(ValueError, match="not supported"):

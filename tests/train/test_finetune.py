@@ -12,6 +12,7 @@ import zarr
 from tokenunify.io.zarrio import create_volume
 from tokenunify.model import checkpoint as ckpt
 from tokenunify.model.emmamba import EMmamba, preset
+from tokenunify.settings import from_section
 from tokenunify.train.augment import AugmentConfig
 from tokenunify.train.finetune import (
     FinetuneConfig,
@@ -64,8 +65,8 @@ def test_parts():
     assert not net.decoder1.layer.conv1.conv.weight.requires_grad
     set_trainable(net, "decoder")
     assert net.out.conv.conv.weight.requires_grad and not net.vit.gscs[0].proj.weight.requires_grad
-    with pytest.raises(ValueError, match="finetune.part"):
-        FinetuneConfig(part="head")
+    with pytest.raises(ValueError, match=r"finetune.part: 'head' is not one of"):
+        from_section(FinetuneConfig, {"part": "head"}, "finetune")
 
 
 def test_finetune_run_loads_pretrained_and_validates(data, tmp_path):
@@ -139,8 +140,8 @@ def test_partial_checkpoint_fails_naming_the_share(data, tmp_path):
     msg = str(err.value)
     assert "part.pt" in msg and f"{share:.1%}" in msg and "decoder1.layer.conv1.conv.weight" in msg
     assert not (tmp_path / "ft").exists()
-    with pytest.raises(ValueError, match="min_loaded"):
-        FinetuneConfig(min_loaded=1.5)
+    with pytest.raises(ValueError, match="finetune.min_loaded: 1.5 is greater than"):
+        from_section(FinetuneConfig, {"min_loaded": 1.5}, "finetune")
     out = run(tmp_path / "part.pt", [data / "train.zarr"], [], tmp_path / "ft", "exp",
               FinetuneConfig(crop=(16, 32, 32), steps=1, min_loaded=share - 0.01),
               progress=False)
