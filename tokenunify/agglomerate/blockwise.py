@@ -207,11 +207,32 @@ def _level_task(work, level, node, grids, fanout, frag_blocks, scoring, max_thre
     mark_done(work, f"level{level}", node)
 
 
-def _relabel_task(out, work, idx, box, tile, offsets, luts: dict, tile_z=1):
+LUT_CHUNK = 1 << 20  # fragment ids per chunk of the on-disk lookup tables
+
+
+def _write_luts(work: Path, history: MergeHistory, thresholds) -> None:
+    """Fragment -> segment tables, one row per threshold, into ``work/luts.zarr`` (uint64,
+    chunks of :data:`LUT_CHUNK` ids), so that a relabel task reads only the ids of its block."""
+    path, tmp = work / "luts.zarr", work / f"luts.{os.getpid()}.tmp.zarr"
+    n = history.n_fragments + 1
+    arr = create_array(zarr.open_group(str(tmp), mode="w"), "luts", shape=(len(thresholds), n),
+                       chunks=(1, min(n, LUT_CHUNK)), dtype=np.uint64, fill_value=0)
+    for k, t in enumerate(thresholds):
+        arr[k] = history.lut(t)
+    try:  # only a complete table is ever renamed into place
+        os.rename(tmp, path)
+    except OSError:  # another process of the same merge got there first (the same tables)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _relabel_task(out, work, idx, box, tile, offsets, names, tile_z=1):
     frag = _global_fragments(out, offsets, box, tile, tile_z=tile_z)
+    ids, inverse = np.unique(frag, return_inverse=True)
+    luts = zarr.open_group(str(Path(work) / "luts.zarr"), mode="r")["luts"]
+    table = luts.get_orthogonal_selection((slice(None), ids.astype(np.int64)))  # (T, ids)
     root = zarr.open_group(out, mode="r+")
-    for name, lut in luts.items():
-        writable(root[name])[box] = lut[frag]
+    for k, name in enumerate(names):
+        writable(root[name])[box] = table[k][inverse].reshape(frag.shape)
     writable(root["fragments"])[box] = frag
     mark_done(work, "relabel", idx)
 
@@ -304,7 +325,9 @@ class _Blockwise:
                   for i, b in self._todo("edges", subset)], "edges")
 
     def merge(self) -> MergeHistory:
-        """The global merge (once; kept in ``.work/history.npz`` for the relabel batches)."""
+        """The global merge, once: its lookup tables go to ``.work/luts.zarr`` for the relabel
+        batches, then the history to ``.work/history.npz`` (which marks the merge done) for the
+        final job."""
         saved = self.work / "history.npz"
         if saved.exists():
             with np.load(saved) as h:
@@ -313,11 +336,17 @@ class _Blockwise:
         self.edges(self.grid)
         if self.cfg.hierarchy is not None:
             history = self._levels(offsets, n_frag)
-            tmp = self.work / f"history.{os.getpid()}.tmp.npz"
-            np.savez(tmp, u=history.u, v=history.v, level=history.level, n=history.n_fragments,
-                     pre=history.pre)
-            tmp.replace(saved)
-            return history
+        else:
+            history = self._global_merge(n_frag)
+        _write_luts(self.work, history, self.cfg.thresholds)
+        tmp = self.work / f"history.{os.getpid()}.tmp.npz"
+        np.savez(tmp, u=history.u, v=history.v, level=history.level, n=history.n_fragments,
+                 pre=history.pre)
+        tmp.replace(saved)
+        return history
+
+    def _global_merge(self, n_frag: int) -> MergeHistory:
+        """Every block's edges reduced into one graph, stitched, and merged in this process."""
         work, hist_bins = self.work, self.scoring.needs_histogram
         edges = reduce_edges([pd.read_parquet(p) for p in sorted((work / "edges").glob("*_*.parquet"))
                               if not p.name.endswith(".hist.parquet")])
@@ -330,10 +359,6 @@ class _Blockwise:
                  n_frag, len(np.unique(pre)) - 1, len(edges))
         history = agglomerate_graph(edges, n_frag, self.scoring, max(self.cfg.thresholds), hist)
         history.pre = pre
-        tmp = work / f"history.{os.getpid()}.tmp.npz"
-        np.savez(tmp, u=history.u, v=history.v, level=history.level, n=history.n_fragments,
-                 pre=pre)
-        tmp.replace(saved)
         return history
 
     def level_nodes(self) -> list[list]:
@@ -380,19 +405,19 @@ class _Blockwise:
         log.info("hierarchical merge: %d levels, %d merges", len(grids), len(history.u))
         return history
 
-    def relabel(self, subset) -> MergeHistory:
+    def relabel(self, subset) -> None:
+        """Segment ids of the blocks of ``subset``: each task reads the lookup-table entries of
+        its own fragment ids only (the merge history is not loaded)."""
         from dask import delayed
 
-        history = self.merge()
+        if not (self.work / "history.npz").exists():
+            self.merge()
         offsets, _ = self.offsets()
-        todo = self._todo("relabel", subset)
-        luts = ({threshold_name(t): history.lut(t) for t in self.cfg.thresholds}
-                if todo else {})
+        names = [threshold_name(t) for t in self.cfg.thresholds]
         self._run([delayed(_relabel_task, pure=False)(self.out, str(self.work), i, b,
-                                                     self.cfg.tile, offsets, luts,
+                                                     self.cfg.tile, offsets, names,
                                                      self.cfg.tile_depth)
-                  for i, b in todo], "relabel")
-        return history
+                  for i, b in self._todo("relabel", subset)], "relabel")
 
 
 def run(affinities: str | Path, out: str | Path, cfg: AgglomerateConfig | None = None,
@@ -451,7 +476,8 @@ def run(affinities: str | Path, out: str | Path, cfg: AgglomerateConfig | None =
                 getattr(bw, phase)(subset)
             if phase is not None:
                 return stage.path
-            history = bw.relabel(grid)
+            bw.relabel(grid)
+            history = bw.merge()  # done: read back for the output's merge graph
         del root["fragments_local"]
         g = root.require_group("graph")
         for k in ("u", "v", "level", "pre"):
