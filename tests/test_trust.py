@@ -201,7 +201,8 @@ def test_two_agglomerate_processes_on_one_output(tmp_path):
     g = zarr.open_group(str(tmp_path / "affinities.zarr"), mode="w")
     create_volume(g, "affinities", aff.shape[1:], (16, 128, 128), np.float32, (40, 8, 8),
                   (0, 0, 0), channels=3)[:] = aff
-    spec = '{"agglomerate": {"block": [8, 64, 64], "tile": 64, "context": 16}}'
+    spec = ('{"agglomerate": {"block": [8, 64, 64], "tile": 64, "context": 16, '
+            '"thresholds": [0.3, 0.5, 0.7]}}')
     cmd = [sys.executable, "-m", "tokenunify.cli", "agglomerate", str(tmp_path / "affinities.zarr"),
            "--out", str(tmp_path / "seg.zarr"), "--spec", spec, "--workers", "1"]
     procs = [subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True) for _ in range(2)]
