@@ -155,6 +155,8 @@ def _worker_device() -> torch.device:
 _MODELS: dict[str, torch.nn.Module] = {}
 _MODELS_LOCK = threading.Lock()
 LOADS = {"count": 0}  # checkpoint loads in this process (the model is loaded once per worker)
+# windows forwarded in this process (benchmarks/bench_infer.py: redundancy = this / grid windows)
+FORWARDS = {"windows": 0}
 
 
 def load_model(checkpoint: str | Path) -> torch.nn.Module:
@@ -219,6 +221,7 @@ def predict_block(raw, checkpoint, core: tuple[slice, slice, slice], cfg: InferC
         # and which windows share a batch depends on the blocking
         batch = np.concatenate([batch, np.zeros((n - len(chunk), *batch.shape[1:]), batch.dtype)])
         preds = _predict(model, batch, cfg.tta)[:len(chunk)]
+        FORWARDS["windows"] += len(chunk)
         for s, p in zip(chunk, preds, strict=True):
             a = np.maximum(np.array(s), lo)
             b = np.minimum(np.array(s) + cfg.window, hi)
