@@ -31,8 +31,7 @@ from tokenunify.errors import ConfigError
 def load_schema() -> dict:
     """The config JSON schema (a dict), read with ``yaml.safe_load``."""
     text = resources.files("tokenunify").joinpath("schema/config.schema.yaml").read_text()
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    return yaml.load(text, Loader=loader)  # noqa: S506 - a safe loader (C or Python)
+    return yaml.safe_load(text)
 
 
 def load_yaml(path: str | Path) -> dict:
