@@ -15,6 +15,7 @@ LAYERS = [
     ("base", ["tokenunify", "tokenunify.errors", "tokenunify.settings", "tokenunify.native"]),
     ("io, model, data", ["tokenunify.io", "tokenunify.model", "tokenunify.data",
                          "tokenunify.objectives", "tokenunify.affinities", "tokenunify.metrics",
+                         "tokenunify.skeletons", "tokenunify.run_length",
                          "tokenunify.checks"]),
     ("configuration", ["tokenunify.config", "tokenunify.runs", "tokenunify.cluster"]),
     ("stages", ["tokenunify.download", "tokenunify.tokenize", "tokenunify.train",
