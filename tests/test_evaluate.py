@@ -55,6 +55,40 @@ def test_rows_complete_and_equal_to_skimage(volumes, tmp_path):
     assert df.loc[df.threshold == 0.5, "voi"].item() == 0
 
 
+def test_erl_columns_from_skeletons(volumes, tmp_path):
+    """With skeletons, each row's ERL figures are run_length's on the segment ids under the
+    nodes; the ground truth scores NERL 1, the merged segmentation less."""
+    from tokenunify.run_length import run_length
+    from tokenunify.skeletons import SkeletonConfig, skeletonize_volume
+
+    gt, segs = volumes
+    seg, vol = write(tmp_path, gt, segs)
+    sk = skeletonize_volume(vol, tmp_path / "vol.skeletons.npz", SkeletonConfig(dust_threshold=50))
+    assert len(sk.ids) > 3
+    df = run(seg, vol, tmp_path / "metrics.csv", "tokenunify", "demo_test",
+             skeletons=tmp_path / "vol.skeletons.npz").set_index("threshold")
+    assert df.loc[0.5, "nerl"] == pytest.approx(1.0)
+    for t, s in segs.items():
+        r = run_length(sk, s[tuple(sk.nodes.T)])
+        assert df.loc[t, "erl_nm"] == pytest.approx(r.erl_nm)
+        assert df.loc[t, "skeleton_merges"] == r.merging_segments
+    assert df.loc[0.7, "nerl"] < 1 and df.loc[0.7, "skeleton_merges"] > 0
+    assert set(df["erl_merge_rule"]) == {"segment"}
+    # without skeletons the ERL columns are empty, the rest unchanged
+    bare = run(seg, vol, tmp_path / "bare.csv", "tokenunify", "demo_test").set_index("threshold")
+    assert bare["nerl"].isna().all()
+    pd.testing.assert_series_equal(bare["voi"], df["voi"])
+
+
+def test_skeletonize_needs_labels(tmp_path):
+    from tokenunify.skeletons import skeletonize_volume
+
+    zarr.open_group(str(tmp_path / "raw_only.zarr"), mode="w")
+    with pytest.raises(ValueError, match="raw_only.zarr: no 'labels' array to skeletonize"):
+        skeletonize_volume(tmp_path / "raw_only.zarr", tmp_path / "s.npz")
+    assert not (tmp_path / "s.npz").exists()
+
+
 def test_ground_truth_options_are_applied_and_recorded(volumes, tmp_path):
     gt, segs = volumes
     seg, vol = write(tmp_path, gt, segs)

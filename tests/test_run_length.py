@@ -43,16 +43,28 @@ def test_one_split_in_the_middle_halves_the_run_length():
     assert r.nerl == pytest.approx(0.5, abs=1e-3)
 
 
-def test_a_merge_of_two_skeletons_zeroes_both():
+@pytest.mark.parametrize("rule", ["skeleton", "segment"])
+def test_a_merge_of_two_skeletons_zeroes_both(rule):
     sk = combine(line(101, 1), line(101, 2, start=101, y=5), line(51, 3, start=202, y=9))
     seg = np.concatenate([np.full(101, 5), np.full(101, 5), np.full(51, 6)])
-    r = run_length(sk, seg)
+    r = run_length(sk, seg, rule)
     assert (r.merging_segments, r.merged_skeletons) == (1, 2)
     assert r.erl_nm == pytest.approx(500 ** 2 / 2500)  # only the third skeleton runs
-    # a merge through one node anywhere zeroes the whole skeleton (the standard rule)
-    seg2 = np.concatenate([np.full(101, 5), np.full(101, 9), np.full(51, 6)])
-    seg2[150] = 5
-    assert run_length(sk, seg2).merged_skeletons == 2
+
+
+def test_merge_rules_differ_on_a_partial_merge():
+    """Skeleton 2 lies in segment 9 except its last 10 edges, which lie in skeleton 1's segment
+    5: under the skeleton rule both score 0; under the segment rule only the edges in segment 5
+    do, and skeleton 2 still runs its 90 edges in segment 9 (the edge from 9 into 5 is a split)."""
+    sk = combine(line(101, 1), line(101, 2, start=101, y=5))
+    seg = np.concatenate([np.full(101, 5), np.full(101, 9)])
+    seg[101 + 91:] = 5
+    strict, lenient = run_length(sk, seg, "skeleton"), run_length(sk, seg, "segment")
+    assert strict.erl_nm == 0.0 and strict.merged_skeletons == 2
+    assert lenient.split_edges == 1
+    assert lenient.erl_nm == pytest.approx(900 ** 2 / 2000)
+    with pytest.raises(ValueError, match="merge_rule"):
+        run_length(sk, seg, "ffn")
 
 
 def test_background_nodes_omit_their_edges_without_a_merge():

@@ -19,6 +19,7 @@ from tokenunify.inference import InferConfig
 from tokenunify.objectives.curriculum import CurriculumConfig
 from tokenunify.objectives.token_tasks import ObjectiveConfig
 from tokenunify.settings import defaults, from_section, section_schema
+from tokenunify.skeletons import SkeletonConfig
 from tokenunify.train.augment import AugmentConfig
 from tokenunify.train.finetune import FinetuneConfig
 from tokenunify.train.pretrain import PretrainConfig
@@ -37,6 +38,7 @@ SECTIONS = {
     ("agglomerate",): AgglomerateConfig,
     ("agglomerate", "dask"): DaskConfig,
     ("evaluate",): EvaluateConfig,
+    ("evaluate", "skeletons"): SkeletonConfig,
 }
 # fields that are not config keys: set at run time by the command line or another section
 RUNTIME = {

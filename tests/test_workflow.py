@@ -100,6 +100,10 @@ def test_workflow_produces_data_and_tokens_for_every_dataset(finished_run):
         assert set(rows["experiment"]) == {exp} and set(rows["dataset"]) == {"lab"}
         assert rows[["voi_split", "voi_merge", "voi", "arand"]].notna().all().all()
         assert np.allclose(rows["voi"], rows["voi_split"] + rows["voi_merge"])
+        # the expected run length along the skeletons traced once from lab's labels
+        assert rows[["erl_nm", "max_erl_nm", "nerl"]].notna().all().all()
+        assert rows["nerl"].between(0, 1).all() and set(rows["erl_merge_rule"]) == {"segment"}
+    assert (workdir / "results" / "data" / "lab.skeletons.npz").is_file()
     page = (workdir / "results" / "report" / "index.html").read_text()
     for word in ("tokenunify", "none", "lab", "data:image/png;base64,"):
         assert word in page

@@ -2,7 +2,7 @@
 
 Every stage takes either ``--spec JSON`` (what the Snakemake rules pass, so that Snakemake reruns
 a stage whose settings changed) or ``--config FILE`` plus a dataset name (for use by hand).
-``infer``, ``agglomerate``, ``evaluate`` and ``report`` take ``--spec`` only.
+``infer``, ``agglomerate``, ``skeletonize``, ``evaluate`` and ``report`` take ``--spec`` only.
 """
 
 from __future__ import annotations
@@ -191,7 +191,15 @@ def cmd_evaluate(args) -> None:
     from tokenunify.evaluate import EvaluateConfig, run
 
     run(args.segmentation, args.volume, args.out, args.experiment, args.dataset,
-        _stage(EvaluateConfig, "evaluate", None, _spec(args)))
+        _stage(EvaluateConfig, "evaluate", None, _spec(args)), skeletons=args.skeletons)
+
+
+def cmd_skeletonize(args) -> None:
+    from tokenunify.evaluate import EvaluateConfig
+    from tokenunify.skeletons import skeletonize_volume
+
+    cfg = _stage(EvaluateConfig, "evaluate", None, _spec(args))
+    skeletonize_volume(args.volume, args.out, cfg.skeletons)
 
 
 def cmd_report(args) -> None:
@@ -306,8 +314,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, help="output metrics.csv")
     sp.add_argument("--experiment", required=True)
     sp.add_argument("--dataset", required=True)
+    sp.add_argument("--skeletons", default=None,
+                    help="ground-truth skeletons (.npz from `tokenunify skeletonize`): adds "
+                         "ERL / NERL along them")
     sp.add_argument("--spec", help='settings as JSON: {"evaluate": {...}}')
     sp.set_defaults(func=cmd_evaluate)
+
+    sp = sub.add_parser("skeletonize", help="ground-truth skeletons of a volume's labels "
+                                            "(kimimaro), for ERL / NERL")
+    sp.add_argument("volume", help="results/data/NAME.zarr (with labels)")
+    sp.add_argument("--out", required=True, help="output .npz")
+    sp.add_argument("--spec", help='settings as JSON: {"evaluate": {"skeletons": {...}}}')
+    sp.set_defaults(func=cmd_skeletonize)
 
     sp = sub.add_parser("report", help="the HTML report comparing the experiments")
     sp.add_argument("--inputs", required=True,

@@ -6,6 +6,13 @@ from :mod:`tokenunify.metrics` (checked against skimage and waterz.evaluate), an
 ``n_segments``, the segments that overlap labelled ground truth. Ground-truth label 0 is
 ignored, as in TokenUnify's evaluation.
 
+With ground-truth skeletons (:mod:`tokenunify.skeletons`, traced once per dataset by the
+skeletonize step), every row also has the expected run length along them (``erl_nm``,
+``max_erl_nm``, ``nerl``), the skeleton edges split between two segments
+(``skeleton_splits``) and the segments that merge skeletons (``skeleton_merges``), from
+:mod:`tokenunify.run_length` (checked against funlib.evaluate), under ``erl_merge_rule``.
+Only the segment ids under the skeleton nodes are read.
+
 Optional ground-truth preparation, recorded in every row:
 
 - ``gt_min_size``: ground-truth bodies smaller than this many voxels become 0 (ignored);
@@ -21,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +37,9 @@ import zarr
 
 from tokenunify.io.zarrio import require_complete
 from tokenunify.metrics import COLUMNS, contingency_blockwise, scores
+from tokenunify.run_length import run_length
 from tokenunify.settings import defaults
+from tokenunify.skeletons import SkeletonConfig, Skeletons
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +50,15 @@ _DEFAULTS = defaults("evaluate")
 @dataclass
 class EvaluateConfig:
     """gt_min_size: voxels (0 = keep all). gt_border_width: voxels (0 = off). block: (z, y, x)
-    voxels per contingency block."""
+    voxels per contingency block. erl_merge_rule: 'segment' or 'skeleton'
+    (:mod:`tokenunify.run_length`). skeletons: the skeleton settings (used by the
+    skeletonize step; here only whether ERL is scored)."""
 
     gt_min_size: int = _DEFAULTS["gt_min_size"]
     gt_border_width: int = _DEFAULTS["gt_border_width"]
     block: tuple = _DEFAULTS["block"]
+    erl_merge_rule: str = _DEFAULTS["erl_merge_rule"]
+    skeletons: SkeletonConfig = field(default_factory=SkeletonConfig)
 
     def __post_init__(self):
         self.block = tuple(int(b) for b in self.block)
@@ -72,13 +85,16 @@ def prepare_gt(labels, cfg: EvaluateConfig):
 
 
 def run(segmentation: str | Path, volume: str | Path, out: str | Path, experiment: str,
-        dataset: str, cfg: EvaluateConfig | None = None) -> pd.DataFrame:
-    """Score every threshold of ``segmentation`` against ``volume``'s ``labels``; write ``out``.
+        dataset: str, cfg: EvaluateConfig | None = None,
+        skeletons: str | Path | None = None) -> pd.DataFrame:
+    """Score every threshold of ``segmentation`` against ``volume``'s ``labels`` (and, with
+    ``skeletons``, a skeleton ``.npz``, along them); write ``out``.
 
     Raises ValueError naming the file when the labels are missing, their shape differs from the
-    segmentation's, or a segmentation is empty (all 0).
+    segmentation's, a segmentation is empty (all 0), or the skeletons lie outside the volume.
     """
     cfg = cfg or EvaluateConfig()
+    skel = Skeletons.load(skeletons) if skeletons is not None else None
     seg_root = zarr.open_group(str(segmentation), mode="r")
     names = seg_root.attrs.get("arrays")
     thresholds = seg_root.attrs.get("thresholds")
@@ -93,6 +109,10 @@ def run(segmentation: str | Path, volume: str | Path, out: str | Path, experimen
     rows = []
     for arr in [labels] + [seg_root[n] for n in names if n in seg_root]:  # before computing
         require_complete(arr, "evaluate")
+    if skel is not None and len(skel.nodes) and np.any(skel.nodes.max(0) >= labels.shape):
+        raise ValueError(f"{skeletons}: nodes reach {tuple(skel.nodes.max(0))}, outside "
+                         f"{volume}/labels of shape {tuple(labels.shape)}; skeletonize this "
+                         f"dataset again")
     gt = prepare_gt(labels, cfg)
     for name, t in zip(names, thresholds, strict=True):
         if name not in seg_root:
@@ -115,12 +135,19 @@ def run(segmentation: str | Path, volume: str | Path, out: str | Path, experimen
             raise ValueError(f"{segmentation}/{name} is empty (all 0) where the ground truth "
                              f"has labels")
         s = scores(table)
-        rows.append({"experiment": experiment, "dataset": dataset, "threshold": float(t),
-                     "voi_split": s.voi_split, "voi_merge": s.voi_merge, "voi": s.voi,
-                     "arand": s.arand, "n_segments": n_seg, "gt_min_size": cfg.gt_min_size,
-                     "gt_border_width": cfg.gt_border_width})
-        log.info("%s %s t=%.3f: VOI split %.4f merge %.4f ARAND %.4f", experiment, dataset, t,
-                 s.voi_split, s.voi_merge, s.arand)
+        row = {"experiment": experiment, "dataset": dataset, "threshold": float(t),
+               "voi_split": s.voi_split, "voi_merge": s.voi_merge, "voi": s.voi,
+               "arand": s.arand, "n_segments": n_seg, "gt_min_size": cfg.gt_min_size,
+               "gt_border_width": cfg.gt_border_width}
+        if skel is not None:
+            r = run_length(skel, skel.segments_at_nodes(seg), cfg.erl_merge_rule)
+            row.update(erl_nm=r.erl_nm, max_erl_nm=r.max_erl_nm, nerl=r.nerl,
+                       skeleton_splits=r.split_edges, skeleton_merges=r.merging_segments,
+                       erl_merge_rule=cfg.erl_merge_rule)
+        rows.append(row)
+        log.info("%s %s t=%.3f: VOI split %.4f merge %.4f ARAND %.4f NERL %s", experiment,
+                 dataset, t, s.voi_split, s.voi_merge, s.arand,
+                 f"{row['nerl']:.4f}" if "nerl" in row else "-")
     df = pd.DataFrame(rows, columns=COLUMNS)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

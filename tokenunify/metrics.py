@@ -34,9 +34,14 @@ from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
-# the columns of metrics.csv (evaluate writes them, the report reads them), one row per threshold
+# the columns of metrics.csv (evaluate writes them, the report reads them), one row per threshold;
+# the ERL columns (tokenunify.run_length) are empty when skeletons are off
 COLUMNS = ["experiment", "dataset", "threshold", "voi_split", "voi_merge", "voi", "arand",
-           "n_segments", "gt_min_size", "gt_border_width"]
+           "erl_nm", "max_erl_nm", "nerl", "skeleton_splits", "skeleton_merges",
+           "erl_merge_rule", "n_segments", "gt_min_size", "gt_border_width"]
+ERL_COLUMNS = ["erl_nm", "max_erl_nm", "nerl", "skeleton_splits", "skeleton_merges",
+               "erl_merge_rule"]  # absent from files written before they existed
+TEXT_COLUMNS = ["experiment", "dataset", "erl_merge_rule"]
 
 
 @dataclass(frozen=True)

@@ -8,21 +8,26 @@ how much wiring it corrupts, a split by where it cuts. Definitions (those of fun
 ``expected_run_length``, which the LSD paper and the AxonEM / NISB evaluations use), with
 ``seg(n)`` the segment under node ``n``:
 
-- a *merging segment* is a non-zero segment that holds nodes of two or more skeletons; every
-  skeleton with a node in one is *merged*, and under this standard rule the whole skeleton
-  scores run length 0;
-- on the other skeletons an edge (n, m) is *omitted* when ``seg(n)`` or ``seg(m)`` is 0, a
-  *split* when they differ, and *correct* otherwise;
+- a *merging segment* is a non-zero segment that holds nodes of two or more skeletons;
+- an edge (n, m) is *omitted* when ``seg(n)`` or ``seg(m)`` is 0, a *split* when they differ,
+  *merged* as the merge rule says, and *correct* otherwise. Two merge rules are in use:
+  ``skeleton`` (FFN's, and funlib's until 2019, commit e2b4d90): every skeleton with a node in
+  a merging segment is merged whole, all its edges scoring 0; ``segment`` (funlib since
+  b533ea8): only the edges inside a merging segment are merged, the rest of the skeleton still
+  runs. ``segment`` is the default: on evaluation crops the strict rule zeroes nearly every
+  skeleton (the supervoxels that ship with NeuroProof score NERL 0.005 under it on z 200-249,
+  0.036 under ``segment``), so it hardly tells two segmentations apart;
 - the run of segment s on skeleton k is the total length of k's correct edges in s;
   ``ERL = sum over (k, s) of run^2 / L`` with ``L`` the total length of all skeletons (nm). It
   is the length-weighted mean over skeletons of sum_s run^2 / L_k;
 - ``max ERL = sum_k L_k^2 / L`` is the ERL of the ground truth itself (every skeleton one
   run), and ``NERL = ERL / max ERL`` in [0, 1], as NISB and PyTorch Connectomics v2 report it.
 
-One difference from funlib: there, segment 0 also counts as a merging segment when nodes of two
-skeletons fall in it (and so zeroes both skeletons); here a node in segment 0 only omits its
-edges, since background is no merge. The two agree whenever no node lies in segment 0 (checked
-in the tests against funlib's code on such cases).
+Segment 0 is never a merging segment here: a node in it only omits its edges, since
+background is no merge. funlib's ``skeleton`` rule also lets segment 0 merge skeletons whose
+nodes fall in it; the two agree whenever no node lies in segment 0, and with the ``segment``
+rule they agree always (``benchmarks/check_erl_reference.py`` runs funlib's code beside this
+one on NeuroProof).
 """
 
 from __future__ import annotations
@@ -44,8 +49,8 @@ class RunLength:
     nerl: float
     split_edges: int  # skeleton edges whose nodes lie in two different non-zero segments
     merging_segments: int  # segments that hold nodes of more than one skeleton
-    merged_skeletons: int  # skeletons scored 0 because a node lies in a merging segment
-    omitted_edges: int  # edges (of unmerged skeletons) with a node in segment 0
+    merged_skeletons: int  # skeletons with a node in a merging segment
+    omitted_edges: int  # edges with a node in segment 0 (not counting wholly merged skeletons)
     n_skeletons: int
     total_nm: float
 
@@ -53,9 +58,16 @@ class RunLength:
         return asdict(self)
 
 
-def run_length(skeletons: Skeletons, node_segment: np.ndarray) -> RunLength:
+MERGE_RULES = ("skeleton", "segment")
+
+
+def run_length(skeletons: Skeletons, node_segment: np.ndarray, merge_rule: str = "segment"
+               ) -> RunLength:
     """ERL / NERL of a segmentation given the segment under every node ((N,) ids, e.g. from
-    :meth:`Skeletons.segments_at_nodes`). With no skeleton edge at all every figure is NaN."""
+    :meth:`Skeletons.segments_at_nodes`); ``merge_rule``: 'skeleton' or 'segment' (module
+    docstring). With no skeleton edge at all every figure is NaN."""
+    if merge_rule not in MERGE_RULES:
+        raise ValueError(f"merge_rule must be one of {MERGE_RULES}, not {merge_rule!r}")
     seg = np.asarray(node_segment).astype(np.uint64).ravel()
     if len(seg) != len(skeletons.nodes):
         raise ValueError(f"run_length: {len(seg)} segment ids for {len(skeletons.nodes)} nodes")
@@ -77,10 +89,13 @@ def run_length(skeletons: Skeletons, node_segment: np.ndarray) -> RunLength:
     a, b = skeletons.edges[:, 0], skeletons.edges[:, 1]
     sa, sb = seg[a], seg[b]
     edge_body = body[a]
-    live = ~np.isin(edge_body, merged_bodies)
+    if merge_rule == "skeleton":  # a merged skeleton scores 0 whole
+        live = ~np.isin(edge_body, merged_bodies)
+    else:  # only the edges inside a merging segment score 0
+        live = np.ones(len(a), bool)
     omitted = live & ((sa == 0) | (sb == 0))
     split = live & ~omitted & (sa != sb)
-    correct = live & ~omitted & (sa == sb)
+    correct = live & ~omitted & (sa == sb) & ~np.isin(sa, merging)
 
     runs = pd.DataFrame({"body": edge_body[correct], "seg": sa[correct],
                          "nm": skeletons.edge_nm[correct]})

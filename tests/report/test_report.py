@@ -285,3 +285,29 @@ def test_curriculum_weights_and_task_losses_are_drawn(results, tmp_path):
     _, html = run(results, tmp_path)
     assert "tokenunify: pretraining loss of each task (left, log scale) and the curriculum" in html
     assert "none: pretraining loss of each task" not in html  # no tasks, no figure
+
+
+def test_nerl_column_and_curve_when_skeletons_were_scored(results, tmp_path):
+    """metrics.csv written by the evaluate stage with skeletons: the score table gains a NERL
+    column (highest bold) and the page a NERL-vs-threshold figure; files without the ERL
+    columns (the fixture's) still read, with empty NERL."""
+    from tokenunify.evaluate import run as evaluate
+    from tokenunify.skeletons import SkeletonConfig, skeletonize_volume
+
+    data = results / "data" / f"{DS}.zarr"
+    skeletonize_volume(data, tmp_path / "s.npz", SkeletonConfig(dust_threshold=10))
+    old = read_metrics(inputs(results), EXPERIMENTS, [DS])
+    assert old["nerl"].isna().all()
+    assert "NERL" not in score_table(old, DS, EXPERIMENTS, 0.5).columns.get_level_values(1)
+    for exp in EXPERIMENTS:
+        d = results / exp / DS
+        sg = zarr.open_group(str(d / "segmentation.zarr"), mode="a")
+        sg.attrs["arrays"] = [f"threshold_{t:.3f}" for t in sg.attrs["thresholds"]]
+        evaluate(d / "segmentation.zarr", data, d / "metrics.csv", exp, DS,
+                 skeletons=tmp_path / "s.npz")
+    table = score_table(read_metrics(inputs(results), EXPERIMENTS, [DS]), DS, EXPERIMENTS, 0.5)
+    assert table[("best", "NERL")].notna().all()
+    _, html = run(results, tmp_path)
+    assert "NERL curve" in html and "merge rule: segment" in html
+    high = max(table[("fixed", "NERL")])
+    assert f'<td class="num best">{high:.3f}</td>' in html

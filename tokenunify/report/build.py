@@ -76,7 +76,11 @@ def _scores(metrics: pd.DataFrame, experiments: list[str], test_datasets: list[s
     body += page.para("VOI_M = VOI merge (under-segmentation), VOI_S = VOI split "
                      "(over-segmentation), VOI = VOI_M + VOI_S, all in bits; ARAND = 1 − Rand "
                      "F-score. Lower is better for all; the best value of each column is bold. "
-                     "'segments' counts the segments that overlap labelled ground truth.")
+                     "'segments' counts the segments that overlap labelled ground truth. "
+                     "NERL (when the ground truth was skeletonized) = expected run length along "
+                     "the ground-truth skeletons divided by the ground truth's own, 0 to 1, "
+                     "higher is better (the best value is bold); metrics.csv also holds the ERL "
+                     "in nm and the skeleton edges split and the segments merging skeletons.")
     for ds in test_datasets:
         table = tables.score_table(metrics, ds, experiments, fixed_threshold, validated)
         body_ds = page.score_table_html(table, fixed_threshold)
@@ -90,6 +94,15 @@ def _scores(metrics: pd.DataFrame, experiments: list[str], test_datasets: list[s
                                "experiment over the agglomeration thresholds (labels on the "
                                "points); ★ marks the threshold of minimum VOI; dotted lines are "
                                "iso-VOI. Closer to the origin is better.", f"VOI curve {ds}")
+        uri = figures.nerl_curve(metrics[metrics["dataset"] == ds], experiments, colors,
+                                 f"{ds}: NERL over thresholds")
+        if uri:
+            rule = ", ".join(sorted(set(metrics.loc[metrics["dataset"] == ds, "erl_merge_rule"]
+                                        .dropna().astype(str))))
+            body_ds += page.figure(uri, f"{ds}: normalised expected run length along the "
+                                   f"ground-truth skeletons against the threshold (merge rule: "
+                                   f"{rule}); ★ marks each experiment's maximum. Higher is "
+                                   "better.", f"NERL curve {ds}")
         body += page.section(_anchor("scores", ds), f"Test dataset {ds}", body_ds, level=3)
     return page.section("scores", "Segmentation scores", body)
 

@@ -100,6 +100,32 @@ def voi_curve(metrics: pd.DataFrame, experiments: list[str], colors: dict[str, s
     return to_data_uri(fig)
 
 
+def nerl_curve(metrics: pd.DataFrame, experiments: list[str], colors: dict[str, str],
+               title: str) -> str | None:
+    """NERL (y, 0-1, higher is better) against the agglomeration threshold (x), one line per
+    experiment; a star marks each experiment's maximum. None when no row has a NERL."""
+    if "nerl" not in metrics or metrics["nerl"].isna().all():
+        return None
+    fig = new_figure(6.4, 3.6)
+    ax = fig.add_subplot()
+    for exp in experiments:
+        g = metrics[(metrics["experiment"] == exp) & metrics["nerl"].notna()]
+        if g.empty:
+            continue
+        g = g.sort_values("threshold")
+        ax.plot(g["threshold"], g["nerl"], "o-", color=colors[exp], label=exp, ms=4, lw=1.5)
+        b = g.loc[g["nerl"].idxmax()]
+        ax.plot([b["threshold"]], [b["nerl"]], "*", color=colors[exp], ms=13, mec="black",
+                mew=0.6, zorder=5)
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("agglomeration threshold")
+    ax.set_ylabel("NERL (ERL / ground truth's ERL)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, title="experiment (★ = max NERL)", title_fontsize=8)
+    ax.grid(alpha=0.25)
+    return to_data_uri(fig)
+
+
 def loss_curves(logs: dict[str, pd.DataFrame], colors: dict[str, str], stage: str) -> str | None:
     """Training loss (log y) over steps, one line per experiment; a second panel with the
     validation VOI (bits) when any log has ``val_voi``. None when there is no log to draw."""

@@ -92,12 +92,14 @@ def simple_table(df: pd.DataFrame, digits: dict[str, int] | None = None) -> str:
 
 
 def score_table_html(table: pd.DataFrame, fixed_threshold: float,
-                     lower_better: tuple[str, ...] = ("VOI_M", "VOI_S", "VOI", "ARAND")) -> str:
+                     lower_better: tuple[str, ...] = ("VOI_M", "VOI_S", "VOI", "ARAND"),
+                     higher_better: tuple[str, ...] = ("NERL",)) -> str:
     """The paper-style table of :func:`tokenunify.report.tables.score_table`.
 
     Column groups in the table's order: the threshold chosen on validation data (when
     present), the fixed threshold, and the best threshold on the test data itself (an oracle,
-    shown for reference); in each, the lowest value of every ``lower_better`` column is bold.
+    shown for reference); in each, the lowest value of every ``lower_better`` column and the
+    highest of every ``higher_better`` column present is bold.
     """
     labels = {"validated": "at the threshold chosen on the validate datasets (min mean VOI)",
               "fixed": f"at the fixed threshold {fixed_threshold:g} (nearest available)",
@@ -110,6 +112,8 @@ def score_table_html(table: pd.DataFrame, fixed_threshold: float,
         top.append(f'<th colspan="{len(names)}">{escape(label)}</th>')
         sub += [f"<th>{escape(n)}</th>" for n in names]
     best = {(b, n): table[(b, n)].min(skipna=True) for b in groups for n in lower_better}
+    best |= {(b, n): table[(b, n)].max(skipna=True) for b in groups for n in higher_better
+             if (b, n) in table.columns}
     rows = []
     for exp, r in table.iterrows():
         cells = [f"<th>{escape(str(exp))}</th>"]

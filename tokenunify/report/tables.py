@@ -20,12 +20,12 @@ import numpy as np
 import pandas as pd
 import zarr
 
-from tokenunify.metrics import COLUMNS
+from tokenunify.metrics import COLUMNS, ERL_COLUMNS, TEXT_COLUMNS
 from tokenunify.report.inputs import ReportInputs
 
 log = logging.getLogger(__name__)
 
-REQUIRED = tuple(COLUMNS)  # every column evaluate writes
+REQUIRED = tuple(c for c in COLUMNS if c not in ERL_COLUMNS)  # in every metrics.csv
 # metrics.csv column -> column name shown in the paper-style table (TokenUnify Table 1 order)
 SCORE_COLUMNS = {"voi_merge": "VOI_M", "voi_split": "VOI_S", "voi": "VOI", "arand": "ARAND"}
 BENCH_COLUMNS = ("s", "max_rss")
@@ -36,7 +36,8 @@ def read_metrics(inputs: ReportInputs, experiments: list[str], datasets: list[st
     """All ``metrics.csv`` files of ``experiments`` x ``datasets`` as one tidy frame.
 
     Returns:
-        rows (experiment, dataset, threshold) sorted, with the :data:`REQUIRED` columns; the
+        rows (experiment, dataset, threshold) sorted, with every column of ``COLUMNS`` (the
+        ERL ones empty for files written without them) and any extra the files hold; the
         ``experiment``/``dataset`` columns are those the file was declared for.
 
     Raises:
@@ -66,10 +67,11 @@ def read_metrics(inputs: ReportInputs, experiments: list[str], datasets: list[st
                     log.warning("%s: column %s holds %s, expected %r; using %r", path, col,
                                 sorted(found), want, want)
                 df[col] = want
-            frames.append(df)
+            frames.append(df.reindex(columns=list(dict.fromkeys(COLUMNS + list(df.columns)))))
     out = pd.concat(frames, ignore_index=True)
-    for col in REQUIRED[2:]:
-        out[col] = pd.to_numeric(out[col], errors="coerce")
+    for col in COLUMNS:
+        if col not in TEXT_COLUMNS:
+            out[col] = pd.to_numeric(out[col], errors="coerce")
     return out.sort_values(["experiment", "dataset", "threshold"], ignore_index=True)
 
 
@@ -138,7 +140,8 @@ def score_table(metrics: pd.DataFrame, dataset: str, experiments: list[str],
         the headline, only when ``validated`` is given), ``"fixed"`` (threshold nearest
         ``fixed_threshold``) and ``"best"`` (the threshold minimising test VOI: an oracle,
         for reference only), and names ``threshold``, ``VOI_M``, ``VOI_S``, ``VOI`` (bits),
-        ``ARAND`` and ``segments`` (number of segments).
+        ``ARAND``, ``segments`` (number of segments) and, when the dataset's rows have
+        skeleton scores, ``NERL``.
     """
     sub = metrics[metrics["dataset"] == dataset]
     blocks = [("fixed", fixed_rows(sub, fixed_threshold)), ("best", best_rows(sub))]
@@ -149,6 +152,8 @@ def score_table(metrics: pd.DataFrame, dataset: str, experiments: list[str],
         rows = rows.xs(dataset, level="dataset").reindex(experiments)
         cols = {"threshold": rows["threshold"], **{v: rows[k] for k, v in SCORE_COLUMNS.items()},
                 "segments": rows["n_segments"]}
+        if sub["nerl"].notna().any():  # skeletons were scored
+            cols["NERL"] = rows["nerl"]
         parts[block] = pd.DataFrame(cols)
     table = pd.concat(parts, axis=1)
     table.index.name = "experiment"

@@ -208,6 +208,25 @@ def evaluate_spec(wildcards):
     return json.dumps({"evaluate": config["evaluate"]}, sort_keys=True)
 
 
+def skeletons_path(wildcards):
+    """The dataset's ground-truth skeletons for ERL / NERL, or none when they are off."""
+    if not config["evaluate"]["skeletons"]["enabled"]:
+        return []
+    return f"results/data/{wildcards.dataset}.skeletons.npz"
+
+
+def skeletons_arg(wildcards, input):
+    """The evaluate command's --skeletons option (empty when skeletons are off)."""
+    return f"--skeletons {input.skeletons}" if input.get("skeletons") else ""
+
+
+def skeletonize_spec(wildcards):
+    """JSON settings of the skeletonize step: only what shapes the skeletons, so that changing
+    the ERL merge rule does not trace them again."""
+    return json.dumps({"evaluate": {"skeletons": config["evaluate"]["skeletons"]}},
+                      sort_keys=True)
+
+
 def report_inputs():
     """Every file the report reads, by role (tokenunify.report.inputs.ReportInputs): the
     metrics of the test and validate datasets, the test datasets' segmentations and affinities,
