@@ -20,6 +20,7 @@ LAYERS = [
     ("configuration", ["tokenunify.config", "tokenunify.runs", "tokenunify.cluster"]),
     ("stages", ["tokenunify.download", "tokenunify.tokenize", "tokenunify.train",
                 "tokenunify.inference", "tokenunify.agglomerate", "tokenunify.evaluate",
+                "tokenunify.export", "tokenunify.viewer",
                 "tokenunify.report"]),
     ("command line", ["tokenunify.cli"]),
 ]

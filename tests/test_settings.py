@@ -15,6 +15,7 @@ from tokenunify.cluster import DaskConfig
 from tokenunify.config import DownloadConfig, TokenizeConfig
 from tokenunify.errors import ConfigError
 from tokenunify.evaluate import EvaluateConfig
+from tokenunify.export import ExportConfig
 from tokenunify.inference import InferConfig
 from tokenunify.objectives.curriculum import CurriculumConfig
 from tokenunify.objectives.token_tasks import ObjectiveConfig
@@ -39,6 +40,7 @@ SECTIONS = {
     ("agglomerate", "dask"): DaskConfig,
     ("evaluate",): EvaluateConfig,
     ("evaluate", "skeletons"): SkeletonConfig,
+    ("export",): ExportConfig,
 }
 # fields that are not config keys: set at run time by the command line or another section
 RUNTIME = {
@@ -130,7 +132,7 @@ def test_config_readme_states_every_default_as_the_schema():
         if key and default:
             documented[key.group(1)] = yaml.safe_load(default.group(1))
     # finetune and infer: the README points to the schema and lists a few keys (checked too)
-    listed = ("download", "tokenize", "pretrain", "agglomerate", "evaluate", "report")
+    listed = ("download", "tokenize", "pretrain", "agglomerate", "evaluate", "export", "report")
     keys = dict(kv for s in (*listed, "finetune", "infer") for kv in _schema_keys((s,)))
     missing = sorted(k for k in keys if k not in documented and k.split(".")[0] in listed
                      and ".dask." not in k)

@@ -202,6 +202,48 @@ def cmd_skeletonize(args) -> None:
     skeletonize_volume(args.volume, args.out, cfg.skeletons)
 
 
+def cmd_export(args) -> None:
+    import pandas as pd
+
+    from tokenunify.export import ExportConfig, run
+    from tokenunify.report.tables import chosen_threshold, validated_thresholds
+
+    spec = _spec(args)
+    if args.threshold is not None:
+        threshold = args.threshold
+    else:
+        if not args.metrics:
+            raise ConfigError("give --threshold, or --metrics (and --validation) to use the "
+                              "report's choice")
+        metrics = pd.read_csv(args.metrics).assign(experiment=args.experiment,
+                                                   dataset=args.dataset)
+        validated = validated_thresholds(pd.concat(
+            [pd.read_csv(v).assign(experiment=args.experiment) for v in args.validation])
+        ) if args.validation else {}
+        threshold = chosen_threshold(metrics, args.experiment, args.dataset, validated)
+    run(args.volume, args.segmentation, args.affinities, args.out, threshold,
+        _stage(ExportConfig, "export", None, spec))
+
+
+def cmd_view(args) -> None:
+    import time
+
+    from tokenunify.viewer import view
+
+    viewer, server = view(args.folders, bind=args.bind, port=args.port, shot=args.screenshot,
+                          size=tuple(args.size), layout=args.layout)
+    if args.screenshot:
+        print(f"screenshot written to {args.screenshot}")
+        server.shutdown()
+        return
+    print(f"Neuroglancer: {viewer.get_viewer_url()}  (Ctrl-C to stop)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        server.shutdown()
+
+
 def cmd_report(args) -> None:
     from tokenunify.report import build_report
     from tokenunify.report.inputs import ReportInputs
@@ -326,6 +368,34 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, help="output .npz")
     sp.add_argument("--spec", help='settings as JSON: {"evaluate": {"skeletons": {...}}}')
     sp.set_defaults(func=cmd_skeletonize)
+
+    sp = sub.add_parser("export", help="Neuroglancer precomputed layers (raw, affinities, "
+                                       "segmentation, ground truth, meshes) of one result")
+    sp.add_argument("segmentation", help="results/EXP/NAME/segmentation.zarr")
+    sp.add_argument("--volume", required=True, help="results/data/NAME.zarr")
+    sp.add_argument("--affinities", default=None, help="results/EXP/NAME/affinities.zarr")
+    sp.add_argument("--out", required=True, help="output folder (results/EXP/NAME/neuroglancer)")
+    sp.add_argument("--threshold", type=float, default=None,
+                    help="export the segmentation at the computed threshold nearest this")
+    sp.add_argument("--metrics", default=None,
+                    help="this result's metrics.csv: without --threshold, the report's choice "
+                         "(minimum VOI here, or on --validation when given)")
+    sp.add_argument("--validation", nargs="*", default=[],
+                    help="the experiment's metrics.csv on the validate datasets")
+    sp.add_argument("--experiment", default="experiment")
+    sp.add_argument("--dataset", default="dataset")
+    sp.add_argument("--spec", help='settings as JSON: {"export": {...}}')
+    sp.set_defaults(func=cmd_export)
+
+    sp = sub.add_parser("view", help="open exported results in a local Neuroglancer viewer")
+    sp.add_argument("folders", nargs="+", help="export folders (results/EXP/NAME/neuroglancer)")
+    sp.add_argument("--bind", default="127.0.0.1", help="address to serve on (default local)")
+    sp.add_argument("--port", type=int, default=0, help="viewer port (default: a free one)")
+    sp.add_argument("--layout", default="xy-3d", help="Neuroglancer layout (xy, xy-3d, 4panel)")
+    sp.add_argument("--screenshot", default=None,
+                    help="write a PNG from headless Chromium and exit")
+    sp.add_argument("--size", type=int, nargs=2, default=[1000, 700], help="screenshot px")
+    sp.set_defaults(func=cmd_view)
 
     sp = sub.add_parser("report", help="the HTML report comparing the experiments")
     sp.add_argument("--inputs", required=True,

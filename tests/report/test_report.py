@@ -311,3 +311,34 @@ def test_nerl_column_and_curve_when_skeletons_were_scored(results, tmp_path):
     assert "NERL curve" in html and "merge rule: segment" in html
     high = max(table[("fixed", "NERL")])
     assert f'<td class="num best">{high:.3f}</td>' in html
+
+
+def test_neuroglancer_section_links_the_exports(results, tmp_path):
+    """With exports declared, the report links each folder's layers.json (relative to the page)
+    and prints the command that opens a dataset's exports; the threshold is the one of the
+    section views (minimum VOI without validate datasets)."""
+    import dataclasses
+
+    from tokenunify.export import ExportConfig
+    from tokenunify.export import run as export
+    from tokenunify.report.tables import chosen_threshold
+
+    metrics = read_metrics(inputs(results), EXPERIMENTS, [DS])
+    folders = {}
+    for exp in EXPERIMENTS:
+        d = results / exp / DS
+        sg = zarr.open_group(str(d / "segmentation.zarr"), mode="a")
+        sg.attrs["arrays"] = [f"threshold_{t:.3f}" for t in sg.attrs["thresholds"]]
+        folders[exp] = d / "neuroglancer"
+        export(results / "data" / f"{DS}.zarr", d / "segmentation.zarr", d / "affinities.zarr",
+               folders[exp], chosen_threshold(metrics, exp, DS, {}), ExportConfig(meshes=False))
+    given = dataclasses.replace(inputs(results), neuroglancer={
+        e: {DS: str(f)} for e, f in folders.items()})
+    out = tmp_path / "report" / "report.html"
+    build_report(given, out, EXPERIMENTS, [DS], CONFIG)
+    html = out.read_text()
+    assert 'id="neuroglancer"' in html
+    assert "tokenunify view " + " ".join(str(folders[e]) for e in EXPERIMENTS) in html
+    for exp in EXPERIMENTS:
+        href = re.search(rf'href="([^"]*{exp}/{DS}/neuroglancer/layers.json)"', html).group(1)
+        assert (out.parent / href).resolve() == (folders[exp] / "layers.json").resolve()

@@ -186,11 +186,10 @@ def _views(inputs: ReportInputs, metrics: pd.DataFrame, experiments: list[str],
                      "merge are computed over the whole volume against the labels as stored (label "
                      "0 ignored, without the gt_min_size / gt_border_width preparation of the "
                      "scores); the two bottom-right panels paint them over the raw section.")
-    best = tables.selected_rows(metrics, validated) if validated else tables.best_rows(metrics)
     for ds in test_datasets:
         part = ""
         for exp in experiments:
-            t = float(best.loc[(exp, ds), "threshold"])
+            t = tables.chosen_threshold(metrics, exp, ds, validated)
             sec = load_section(inputs, exp, ds, t)
             uri = figures.section_views(sec, f"{exp} on {ds} (threshold {t:.3f})", t)
             part += page.notes([f"{exp}: {n}" for n in sec.notes])
@@ -198,6 +197,43 @@ def _views(inputs: ReportInputs, metrics: pd.DataFrame, experiments: list[str],
                                 f"section {exp} {ds}")
         body += page.section(_anchor("views", ds), f"Test dataset {ds}", part, level=3)
     return page.section("views", "Section views", body)
+
+
+def _neuroglancer(inputs: ReportInputs, out: Path, experiments: list[str],
+                  test_datasets: list[str]) -> str:
+    """Where each result's Neuroglancer export is and the command that opens it."""
+    if not inputs.neuroglancer:
+        return ""
+    rows, body = [], ""
+    for ds in test_datasets:
+        folders = []
+        for exp in experiments:
+            folder = Path(inputs.neuroglancer.get(exp, {}).get(ds, ""))
+            manifest = folder / "layers.json"
+            if not str(folder) or not manifest.is_file():
+                continue
+            m = json.loads(manifest.read_text())
+            href = os.path.relpath(manifest.resolve(), out.parent.resolve())
+            rows.append({"experiment": exp, "dataset": ds, "threshold": m["threshold"],
+                         "layers": ", ".join(m["layers"]),
+                         "meshes": sum(v.get("meshes", 0) for v in m["layers"].values()),
+                         "folder": f'<a href="{escape(href)}">{escape(str(folder))}</a>'})
+            folders.append(str(folder))
+        if folders:
+            body += page.para(f"{ds}: <code>tokenunify view {escape(' '.join(folders))}"
+                              "</code>", cls="")
+    if not rows:
+        return ""
+    intro = page.para("Each result is exported as Neuroglancer precomputed layers (raw, "
+                      "affinities, the segmentation at the threshold of the section views, "
+                      "ground truth, with meshes). Open them with the command under the table, "
+                      "run from the workflow's directory: it serves the folders and prints a "
+                      "local Neuroglancer link (the chunk files are gzip-compressed, so a plain "
+                      "static file server does not do; <code>igneous view</code> does).")
+    table = pd.DataFrame(rows)
+    return page.section("neuroglancer", "Neuroglancer",
+                        intro + page.simple_table(table, {"threshold": 3, "meshes": 0},
+                                                  markup=("folder",)) + body)
 
 
 def _runtimes(benchmarks: str | None) -> str:
@@ -260,6 +296,7 @@ def build_report(inputs: ReportInputs, out: Path, experiments: list[str], test_d
     toc = [("setup", "Datasets, experiments and configuration"), ("scores", "Segmentation scores"),
            *([("seeds", "Experiments over seeds")] if seeded else []),
            ("training", "Training curves"), ("views", "Section views"),
+           *([("neuroglancer", "Neuroglancer")] if inputs.neuroglancer else []),
            ("runtimes", "Run times")]
     body = (_intro(inputs, config, experiments, test_datasets, runs)
             + _scores(metrics, experiments, test_datasets, colors, fixed_threshold, validated,
@@ -268,6 +305,7 @@ def build_report(inputs: ReportInputs, out: Path, experiments: list[str], test_d
                       list(baselines or [])) if seeded else "")
             + _training(inputs, experiments, colors, runs)
             + _views(inputs, metrics, experiments, test_datasets, validated)
+            + _neuroglancer(inputs, out, experiments, test_datasets)
             + _runtimes(inputs.benchmarks))
     generated = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     html = page.page(TITLE, generated, toc, body)

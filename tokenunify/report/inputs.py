@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tokenunify.errors import ConfigError
 
-ROLES = ("metrics", "segmentation", "affinities", "data", "training")
+ROLES = ("metrics", "segmentation", "affinities", "data", "training", "neuroglancer")
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,8 @@ class ReportInputs:
     segmentation, affinities: run -> test dataset -> ``segmentation.zarr`` / ``affinities.zarr``.
     data: dataset -> the downloaded volume ``NAME.zarr`` (raw, labels; voxel size).
     training: run -> ``pretrain`` / ``finetune`` -> the model folder (``metrics.jsonl`` inside).
+    neuroglancer: run -> test dataset -> the Neuroglancer export folder (linked, with the
+        command that opens it; optional).
     benchmarks: the folder of Snakemake benchmark files, or None.
     """
 
@@ -35,6 +37,7 @@ class ReportInputs:
     affinities: dict[str, dict[str, str]] = field(default_factory=dict)
     data: dict[str, str] = field(default_factory=dict)
     training: dict[str, dict[str, str]] = field(default_factory=dict)
+    neuroglancer: dict[str, dict[str, str]] = field(default_factory=dict)
     benchmarks: str | None = None
 
     @classmethod

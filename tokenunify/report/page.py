@@ -71,8 +71,10 @@ def section(anchor: str, title: str, body: str, level: int = 2) -> str:
     return f'<h{level} id="{escape(anchor)}">{escape(title)}</h{level}>\n{body}'
 
 
-def simple_table(df: pd.DataFrame, digits: dict[str, int] | None = None) -> str:
-    """A plain table, cells escaped; numeric columns right-aligned with ``digits`` decimals."""
+def simple_table(df: pd.DataFrame, digits: dict[str, int] | None = None,
+                 markup: tuple[str, ...] = ()) -> str:
+    """A plain table, cells escaped (except the columns in ``markup``, already HTML); numeric
+    columns right-aligned with ``digits`` decimals."""
     if df.empty:
         return note("(empty table)")
     digits = digits or {}
@@ -85,7 +87,7 @@ def simple_table(df: pd.DataFrame, digits: dict[str, int] | None = None) -> str:
             if isinstance(v, numbers.Number) and not isinstance(v, bool):
                 cells.append(f'<td class="num">{fmt(float(v), digits.get(c, 2))}</td>')
             else:
-                cells.append(f"<td>{escape(str(v))}</td>")
+                cells.append(f"<td>{v if c in markup else escape(str(v))}</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
     return (f"<table><thead><tr>{head}</tr></thead><tbody>\n" + "\n".join(rows)
             + "\n</tbody></table>\n")

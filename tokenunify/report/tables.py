@@ -125,6 +125,18 @@ def selected_rows(metrics: pd.DataFrame, thresholds: dict[str, float]) -> pd.Dat
     return pd.DataFrame(rows).set_index(["experiment", "dataset"])
 
 
+def chosen_threshold(metrics: pd.DataFrame, experiment: str, dataset: str,
+                     validated: dict[str, float] | None) -> float:
+    """The threshold the report shows (and the export writes) ``experiment``'s segmentation of
+    ``dataset`` at: the one chosen on the validate datasets (``validated``, nearest computed),
+    or without validate datasets the one of minimum VOI on ``dataset`` itself."""
+    rows = selected_rows(metrics, validated) if validated else best_rows(metrics)
+    if (experiment, dataset) not in rows.index:
+        raise ValueError(f"no metrics of experiment {experiment!r} on dataset {dataset!r} to "
+                         f"choose a threshold from")
+    return float(rows.loc[(experiment, dataset), "threshold"])
+
+
 def score_table(metrics: pd.DataFrame, dataset: str, experiments: list[str],
                 fixed_threshold: float, validated: dict[str, float] | None = None
                 ) -> pd.DataFrame:

@@ -227,6 +227,18 @@ def skeletonize_spec(wildcards):
                       sort_keys=True)
 
 
+def export_validation_metrics(wildcards):
+    """The experiment's metrics on the validate datasets: the export writes the segmentation
+    at the threshold chosen on them, as the report shows it."""
+    return expand("results/{experiment}/{dataset}/metrics.csv",
+                  experiment=wildcards.experiment, dataset=VALIDATE_DATASETS)
+
+
+def export_spec(wildcards):
+    """JSON settings of the export stage."""
+    return json.dumps({"export": config["export"]}, sort_keys=True)
+
+
 def report_inputs():
     """Every file the report reads, by role (tokenunify.report.inputs.ReportInputs): the
     metrics of the test and validate datasets, the test datasets' segmentations and affinities,
@@ -238,6 +250,7 @@ def report_inputs():
         "metrics": per_run("results/{experiment}/{dataset}/metrics.csv", scored),
         "segmentation": per_run("results/{experiment}/{dataset}/segmentation.zarr", TEST_DATASETS),
         "affinities": per_run("results/{experiment}/{dataset}/affinities.zarr", TEST_DATASETS),
+        "neuroglancer": per_run("results/{experiment}/{dataset}/neuroglancer", TEST_DATASETS),
         "data": {d: f"results/data/{d}.zarr" for d in DATASETS},
         "training": {e: {s: f"results/models/{e}/{s}" for s in ("pretrain", "finetune")}
                      for e in EXPERIMENTS},

@@ -1,4 +1,4 @@
-# Stage 8: one self-contained HTML page comparing the experiments (tables, curves, sections).
+# Stage 9: one self-contained HTML page comparing the experiments (tables, curves, sections).
 
 
 # Every file the report reads is an input (report_inputs in common.smk), passed to the command
