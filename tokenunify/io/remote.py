@@ -1,4 +1,5 @@
-"""Fetching remote files (http(s)://, hf://) and unpacking .gz files into a local cache.
+"""Fetching remote files (http(s)://, hf://, s3://, gs://) and unpacking .gz files into a
+local cache.
 
 Files land in ``$TOKENUNIFY_CACHE`` (default ``~/.cache/tokenunify``) under a name derived from
 the URL, written to a temporary name and renamed when complete, so an interrupted fetch never
@@ -29,6 +30,8 @@ from urllib.parse import quote, urlparse
 
 import requests
 from tqdm.auto import tqdm
+
+from tokenunify.io import objectstore
 
 log = logging.getLogger(__name__)
 
@@ -136,9 +139,13 @@ def _check(paths: list[Path], sha256: str | None, url: str) -> None:
 
 
 def cached_path(url: str) -> Path | None:
-    """Where a remote file (or slice stack) would be cached, if it already is; else None."""
+    """Where a remote file (or slice stack, or object-store zarr) would be cached, if it
+    already is; else None."""
     if expand_range(url) is not None:
         p = _cache_name(url, ".slices")
+        return p if p.is_dir() else None
+    if objectstore.is_object_url(url) and url.rstrip("/").endswith(".zarr"):
+        p = _cache_name(url.rstrip("/"), ".zarr")
         return p if p.is_dir() else None
     p = _cache_name(url, _suffix_of(url))
     return p if p.is_file() else None
@@ -168,7 +175,9 @@ def fetch_stack(url: str, sha256: str | None = None, progress: bool | None = Non
 
 def fetch(url: str, progress: bool | None = None, timeout: float = 60.0,
           sha256: str | None = None, into: Path | None = None) -> Path:
-    """Download ``url`` (http, https or hf://) into the cache, once; return the local path.
+    """Download ``url`` (http, https, hf://, s3:// or gs://) into the cache, once; return the
+    local path. An s3:// or gs:// ``.zarr`` store is fetched as a folder
+    (:mod:`tokenunify.io.objectstore`; credentials from the standard environment).
 
     hf:// files go through ``huggingface_hub.hf_hub_download`` when that package is installed,
     and through the plain ``/resolve/`` HTTP endpoint otherwise (token from ``HF_TOKEN``).
@@ -190,8 +199,22 @@ def fetch(url: str, progress: bool | None = None, timeout: float = 60.0,
             shutil.copyfile(local, into)
             return into
         return local
+    if objectstore.is_object_url(url) and url.rstrip("/").endswith(".zarr"):
+        dest = _cache_name(url.rstrip("/"), ".zarr")
+        return dest if dest.is_dir() else objectstore.download_folder(url, dest)
     dest = into if into is not None else _cache_name(url, _suffix_of(url))
     if dest.is_file() and into is None:
+        return dest
+    if objectstore.is_object_url(url):
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name, suffix=".part")
+        os.close(fd)
+        try:
+            objectstore.download(url, Path(tmp))
+            _check([Path(tmp)], sha256, url)
+            os.replace(tmp, dest)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
         return dest
     if url.startswith("hf://"):
         try:

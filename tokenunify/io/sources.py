@@ -434,11 +434,13 @@ def open_source(spec: SourceSpec, where: str = "source", fetch: bool = True) -> 
         except (OSError, ValueError) as exc:
             raise SourceError(f"{where}.source: cannot fetch {src}: {exc}") from exc
         return SliceFolder(path, where, spec.allow_missing)
-    if src.startswith(("precomputed://", "gs://", "s3://")) or (
+    object_file = src.startswith(("gs://", "s3://")) and low.rstrip("/").endswith(
+        FILE_SUFFIXES + (".zarr",))
+    if src.startswith(("precomputed://", "gs://", "s3://")) and not object_file or (
         src.startswith(("http://", "https://")) and not low.endswith(FILE_SUFFIXES)
     ):
         return PrecomputedVolume(src, spec.mip, where, spec.allow_missing)
-    if src.startswith(("http://", "https://", "hf://")):
+    if src.startswith(("http://", "https://", "hf://")) or object_file:
         if unfetched:
             return None
         try:
@@ -472,8 +474,11 @@ def read_mapping(spec: SourceSpec, where: str) -> np.ndarray:
 
     assert spec.mapping is not None
     src = spec.mapping.source or spec.source
-    if src.startswith(("http://", "https://", "hf://")):
-        path = remote.fetch(src)
+    if src.startswith(("http://", "https://", "hf://", "s3://", "gs://")):
+        try:
+            path = remote.fetch(src)
+        except (OSError, ValueError) as exc:
+            raise SourceError(f"{where}.mapping: cannot fetch {src}: {exc}") from exc
     else:
         path = _local_path(src, f"{where}.mapping")
     if path.name.endswith(".gz"):

@@ -21,7 +21,7 @@ rule agglomerate_phase:
         "../envs/tokenunify.yaml"
     params:
         spec=agglomerate_spec,
-        out="results/{experiment}/{dataset}/segmentation.zarr",
+        out=beside_batches("segmentation.zarr"),
     threads: 2
     resources:
         mem_mb=8000,
@@ -63,7 +63,7 @@ rule agglomerate_merge:
         "../envs/tokenunify.yaml"
     params:
         spec=agglomerate_spec,
-        out="results/{experiment}/{dataset}/segmentation.zarr",
+        out=beside_batches("segmentation.zarr"),
     threads: 2
     resources:
         mem_mb=16000,

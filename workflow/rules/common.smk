@@ -2,6 +2,7 @@
 import functools
 import json
 import re
+from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
@@ -208,6 +209,14 @@ def evaluate_spec(wildcards):
     return json.dumps({"evaluate": config["evaluate"]}, sort_keys=True)
 
 
+def beside_batches(name):
+    """A batch job's params: the final output NAME beside its marker folder
+    (``.../NAME.batches/X.done`` -> ``.../NAME``), as the job sees its own output. With a
+    storage provider (--default-storage-provider s3) that is the local copy's folder, so the
+    batch jobs and the final job stage into one ``NAME.partial``."""
+    return lambda wildcards, output: str(Path(output[0]).parent.parent / name)
+
+
 def skeletons_path(wildcards):
     """The dataset's ground-truth skeletons for ERL / NERL, or none when they are off."""
     if not config["evaluate"]["skeletons"]["enabled"]:
@@ -264,9 +273,18 @@ def report_input_files(wildcards):
     return ReportInputs(**report_inputs()).files()
 
 
-def report_inputs_json(wildcards):
-    """report_inputs() and the benchmarks folder, as the command's --inputs."""
-    return json.dumps({**report_inputs(), "benchmarks": "results/benchmarks"}, sort_keys=True)
+def report_inputs_json(wildcards, input):
+    """report_inputs() and the benchmarks folder, as the command's --inputs, each path as the
+    job sees its input (with a storage provider, the local copy: inputs are in the order of
+    ReportInputs.files())."""
+    from tokenunify.report.inputs import ReportInputs
+
+    given = ReportInputs(**report_inputs())
+    seen = dict(zip(given.files(), input, strict=True))
+    mapped = {role: {k: ({kk: seen[vv] for kk, vv in v.items()} if isinstance(v, dict)
+                         else seen[v]) for k, v in getattr(given, role).items()}
+              for role in report_inputs()}
+    return json.dumps({**mapped, "benchmarks": "results/benchmarks"}, sort_keys=True)
 
 
 def report_spec(wildcards):

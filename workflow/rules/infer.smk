@@ -16,7 +16,7 @@ rule infer_batch:
         "../envs/tokenunify.yaml"
     params:
         spec=infer_spec,
-        out="results/{experiment}/{dataset}/affinities.zarr",
+        out=beside_batches("affinities.zarr"),
     threads: 2
     resources:
         mem_mb=8000,
