@@ -129,6 +129,53 @@ def test_workflow_produces_data_and_tokens_for_every_dataset(finished_run):
     assert "Nothing to be done" in proc.stdout + proc.stderr
 
 
+@pytest.mark.timeout(1800)
+def test_results_in_an_s3_bucket_equal_the_local_ones(finished_run, tmp_path, monkeypatch):
+    """The tiny workflow with its HDF5 dataset and every result in an S3 bucket (moto's server
+    on 127.0.0.1, through Snakemake's S3 storage plugin): the metrics.csv in the bucket are
+    byte for byte those of the run on disk, and no staging folder or done marker reaches it."""
+    moto_server = pytest.importorskip("moto.server", reason="moto (dev extra) not installed")
+    pytest.importorskip("snakemake_storage_plugin_s3", reason="S3 storage plugin not installed")
+    import socket
+
+    import boto3
+
+    local, cfg = finished_run
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        for k, v in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                     "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"
+                     }.items():
+            monkeypatch.setenv(k, v)
+        s3 = boto3.session.Session().client("s3")
+        s3.create_bucket(Bucket="tokenunify-run")
+        s3.upload_file(str(TEST_DIR / "data" / "vol.h5"), "tokenunify-run", "sources/vol.h5")
+        for part in ("raw", "labels"):
+            cfg["datasets"]["h5"][part]["source"] = "s3://tokenunify-run/sources/vol.h5"
+        write_config(tmp_path, cfg)
+        proc = snakemake(tmp_path, "--default-storage-provider", "s3",
+                         "--default-storage-prefix", "s3://tokenunify-run/run",
+                         "--storage-s3-endpoint-url", endpoint)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(
+            Bucket="tokenunify-run", Prefix="run/") for o in page.get("Contents", [])]
+        for exp in ("tokenunify", "none"):
+            for ds in ("lab", "h5"):
+                key = f"run/results/{exp}/{ds}/metrics.csv"
+                body = s3.get_object(Bucket="tokenunify-run", Key=key)["Body"].read()
+                assert body == (local / "results" / exp / ds / "metrics.csv").read_bytes(), key
+        assert "run/results/report/index.html" in keys
+        assert not [k for k in keys if ".partial/" in k or k.endswith(".done")]
+        assert not (tmp_path / "results").exists()  # nothing written beside the bucket
+    finally:
+        server.stop()
+
+
 def _bad_typo(cfg, wd):
     cfg["datasets"]["pre"]["rols"] = cfg["datasets"]["pre"].pop("roles")
     return "unknown key 'rols' (did you mean 'roles'?)"
