@@ -25,6 +25,7 @@ import os
 import re
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote, urlparse
 
@@ -138,6 +139,21 @@ def _check(paths: list[Path], sha256: str | None, url: str) -> None:
                       "the file changed upstream or the download is damaged (nothing was cached)")
 
 
+@contextmanager
+def _staged(dest: Path, sha256: str | None, url: str):
+    """A temporary file beside ``dest`` to write; on success it is checked against ``sha256``
+    and renamed to ``dest``, on any error removed (nothing half-written enters the cache)."""
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name, suffix=".part")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        _check([Path(tmp)], sha256, url)
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def cached_path(url: str) -> Path | None:
     """Where a remote file (or slice stack, or object-store zarr) would be cached, if it
     already is; else None."""
@@ -206,15 +222,8 @@ def fetch(url: str, progress: bool | None = None, timeout: float = 60.0,
     if dest.is_file() and into is None:
         return dest
     if objectstore.is_object_url(url):
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name, suffix=".part")
-        os.close(fd)
-        try:
-            objectstore.download(url, Path(tmp))
-            _check([Path(tmp)], sha256, url)
-            os.replace(tmp, dest)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with _staged(dest, sha256, url) as tmp:
+            objectstore.download(url, tmp)
         return dest
     if url.startswith("hf://"):
         try:
@@ -236,24 +245,18 @@ def fetch(url: str, progress: bool | None = None, timeout: float = 60.0,
         if r.status_code != 200:
             raise OSError(f"GET {http_url} answered HTTP {r.status_code}")
         total = int(r.headers.get("Content-Length", 0)) or None
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name, suffix=".part")
         got = 0
-        try:
-            with os.fdopen(fd, "wb") as f, tqdm(total=total, unit="B", unit_scale=True,
-                                                desc=Path(http_url).name,
-                                                disable=None if progress is None else not progress,
-                                                ) as bar:
+        with _staged(dest, sha256, url) as tmp:
+            with open(tmp, "wb") as f, tqdm(total=total, unit="B", unit_scale=True,
+                                            desc=Path(http_url).name,
+                                            disable=None if progress is None else not progress,
+                                            ) as bar:
                 for block in r.iter_content(chunk_size=1 << 20):
                     f.write(block)
                     got += len(block)
                     bar.update(len(block))
             if total is not None and got != total and "Content-Encoding" not in r.headers:
                 raise OSError(f"GET {http_url}: got {got} bytes of {total}")
-            _check([Path(tmp)], sha256, url)
-            os.replace(tmp, dest)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
     return dest
 
 
