@@ -84,6 +84,44 @@ def test_affinities_do_not_depend_on_the_block_size(infer_setup, tmp_path):
     assert 0 <= float(a[:].min()) and float(a[:].max()) <= 1
 
 
+def test_each_window_forwarded_once_and_equal_to_the_float_blend(infer_setup, tmp_path):
+    """Blocks of [8, 48, 48] (8 blocks; windows [16, 32, 32] reach up to 2 blocks per axis):
+    every window of the global grid is forwarded exactly once, and the affinities equal the
+    float32 blend of all windows over the whole volume (the former scheme, and the fine-tuning
+    validation's path, inference.predict_block) to float rounding: float16 output identical
+    to within one float16 step, uint8 identical but for values that sit on a rounding edge."""
+    from distributed import Client, LocalCluster
+
+    raw = zarr.open_group(str(infer_setup / "v.zarr"))["raw"]
+    cfg = dataclasses.replace(CFG, block=(8, 48, 48))
+    grid = np.prod([len(window_starts(n, w, w - o)) for n, w, o in
+                    zip(raw.shape, cfg.window, cfg.overlap, strict=True)])
+    inference._MODELS.clear()
+    stored = {}
+    with Client(LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                             dashboard_address=None)) as client:
+        for dtype in ("float16", "uint8"):
+            before = inference.FORWARDS["windows"]
+            out = inference.run(infer_setup / "v.zarr", infer_setup / "model.pt",
+                                tmp_path / f"{dtype}.zarr", dataclasses.replace(cfg, dtype=dtype),
+                                client=client)
+            assert inference.FORWARDS["windows"] - before == grid  # redundancy 1.0
+            stored[dtype] = zarr.open_group(str(out))["affinities"][:]
+            assert not (out / inference.SUMS).exists()  # the pass-1 sums are gone
+    torch.set_num_threads(cfg.threads)
+    whole = tuple(slice(0, n) for n in raw.shape)
+    ref = inference.predict_block(raw, infer_setup / "model.pt", whole, cfg)
+    f16 = stored["float16"].astype(np.float32)
+    assert np.abs(f16 - ref).max() <= np.abs(ref.astype(np.float16).astype(np.float32)
+                                             - ref).max() * 2 + 1e-7
+    u8 = inference._encode(ref, "uint8").astype(int)
+    diff = np.abs(stored["uint8"].astype(int) - u8)
+    # a differing uint8 value is one whose x 255 sits within float32 rounding of a .5 edge
+    edge = np.abs((ref.astype(np.float64) * 255) % 1 - 0.5)
+    assert diff.max() <= 1 and (not diff.any() or edge[diff > 0].max() < 1e-4), \
+        f"{int((diff > 0).sum())} voxels differ, up to {edge[diff > 0].max():.2e} from an edge"
+
+
 def test_affinities_do_not_depend_on_parallelism(infer_setup, tmp_path):
     """1 Dask worker with 1 thread vs 2 worker processes with 2 threads each (the CLI flags the
     rules derive from snakemake --cores): the same stored affinities, since every block task
@@ -119,7 +157,8 @@ def test_small_volume_anisotropic_tta_and_uint8(infer_setup, tmp_path, rng):
 
 
 def test_killed_run_resumes_only_missing_blocks_with_identical_output(infer_setup, tmp_path):
-    """Kill the process (and its worker) mid-run; the rerun finishes with the same result."""
+    """Kill the process (and its worker) mid-run; the rerun forwards only the windows of the
+    blocks whose pass 1 had not finished and ends with the same result."""
     script = (
         "import logging, sys\n"
         "from tokenunify import inference\n"
@@ -133,7 +172,7 @@ def test_killed_run_resumes_only_missing_blocks_with_identical_output(infer_setu
             str(infer_setup / "model.pt"), str(out)]
     proc = subprocess.Popen(args, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    done = tmp_path / "k.zarr.partial" / ".done" / "block"
+    done = tmp_path / "k.zarr.partial" / ".done" / "owned"
     deadline = time.time() + 300
     while time.time() < deadline and (not done.exists() or len(list(done.iterdir())) < 2):
         time.sleep(0.2)
@@ -144,6 +183,7 @@ def test_killed_run_resumes_only_missing_blocks_with_identical_output(infer_setu
     rerun = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert f"{8 - n_done} of 8 blocks to predict" in rerun.stderr
+    assert rerun.stderr.count(": windows in ") == 8 - n_done  # one pass-1 task per missing block
     from distributed import Client, LocalCluster
 
     with Client(LocalCluster(n_workers=1, threads_per_worker=1, processes=False,

@@ -11,32 +11,43 @@ Geometry (all in voxels, z y x)::
                zeros standardised with the window would show the network an input it never
                saw in training and spoil the predictions along the far faces)
 
-A block predicts every window of the global grid that intersects its core (the windows reach
-out of the core by up to ``window - 1``: that is the halo, the model's whole context) and blends
-them with a Gaussian weight (sigma = ``sigma_scale`` x window) into the core. Because the windows,
-their inputs and their weights do not depend on the blocking, the affinities of a voxel are the
-same whatever the block size, bit for bit: every forward pass has ``batch_size`` windows (the
-last batch of a block padded with zero windows) and every block task computes with ``threads``
-torch threads (float sums depend on both), whatever the Dask workers or snakemake --cores.
+Each window of the global grid is predicted once, by the block that holds its start (it
+*owns* the window). Pass 1: a block forwards its owned windows and adds prediction x weight
+and the weight (a Gaussian, sigma = ``sigma_scale`` x window) over the region they cover, its
+core and up to ``window - 1`` voxels past its far faces, as fixed-point integers
+(int64, :func:`sum_scale`) into one of the staging sums arrays (``.sums/pZYX``, chosen by the block's
+position modulo the number of blocks a window can reach, so no two blocks ever write one
+chunk). Pass 2: a block adds up its core in every sums array and divides. Integer sums do not
+depend on their order, so the affinities of a voxel are the same whatever the block size, bit
+for bit; every forward pass has ``batch_size`` windows (the last batch of a block padded with
+zero windows) and every block task computes with ``threads`` torch threads (the network's
+float results depend on both), whatever the Dask workers or snakemake --cores. Against the
+former scheme (every block predicting every window that touches its core and blending in
+float32), the affinities agree to float rounding (``tests/test_inference.py`` counts the
+uint8 values that differ), and the windows forwarded drop from up to 2.6x the grid to 1x
+(``benchmarks/bench_infer.py``).
 
 Output ``affinities.zarr`` (array ``affinities``): (3, Z, Y, X), channel order z, y, x, offsets
 (-1,0,0), (0,-1,0), (0,0,-1) (see :mod:`tokenunify.affinities`), dtype uint8 (value x 255,
 rounded) or float16; attributes voxel_size, offset, axis_names, units, scale, provenance.
 
-Resume: each finished block leaves a done marker in ``affinities.zarr.partial``; a rerun after a
-crash predicts only the missing blocks, and the folder is renamed into place when complete.
+Resume: each block leaves a done marker in ``affinities.zarr.partial`` after each pass; a rerun
+after a crash predicts only the windows of blocks without a pass-1 marker, and the folder is
+renamed into place (the sums removed) when every block has passed both.
 The model is loaded once per Dask worker process, not once per block.
 
 Cluster and batches (:mod:`tokenunify.cluster`): the Dask tasks run locally, on an existing
 scheduler or on a dask-jobqueue SLURMCluster (``dask``); ``run(..., batch=i)`` predicts only
 batch i of ``batch_blocks`` blocks into the shared staging folder (one Snakemake job per batch)
-and the call without ``batch`` predicts what is left and renames the result into place.
+and the call without ``batch`` does the rest of pass 1, then pass 2, and renames the result
+into place.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import shutil
 import threading
 import time
 from dataclasses import dataclass, field
@@ -95,6 +106,9 @@ class InferConfig:
 
 
 GRID = "face-aligned"  # the window grid below (before: "zero-padded"); part of the lineage
+BLEND = "owned-windows-int64"  # how windows are blended (before: float32 per block); lineage
+SUMS = ".sums"  # the staging group of the pass-1 sums (removed before the commit)
+SUM_BITS = 63  # sums are int64; each term is scaled to use them without overflow
 
 
 def window_starts(n: int, window: int, step: int) -> np.ndarray:
@@ -232,36 +246,128 @@ def predict_block(raw, checkpoint, core: tuple[slice, slice, slice], cfg: InferC
     return acc / wsum
 
 
+def _grid(shape, cfg: InferConfig) -> list[np.ndarray]:
+    """The global window starts along each axis."""
+    return [window_starts(n, w, w - o) for n, w, o in
+            zip(shape, cfg.window, cfg.overlap, strict=True)]
+
+
+def sum_scale(shape, cfg: InferConfig) -> float:
+    """The fixed-point scale of the pass-1 sums: a power of two such that the weight sum of
+    the most windows that cover one voxel (weights <= 1) stays below 2^63 (a term's rounding,
+    2^-53 or less of the largest weight, is below float64's: the integer sums lose nothing
+    that float arithmetic would keep)."""
+    most = 1
+    for st, w in zip(_grid(shape, cfg), cfg.window, strict=True):
+        ends = st + w
+        most *= int(max(((st <= x) & (ends > x)).sum() for x in np.unique(np.r_[st, ends - 1])))
+    return float(2 ** (SUM_BITS - 1 - int(np.ceil(np.log2(most + 1)))))
+
+
+def reach(block, cfg: InferConfig) -> tuple[int, ...]:
+    """Per axis, how many blocks a block's owned windows cover (its own and the next ones):
+    the number of sums arrays along that axis."""
+    return tuple(1 + -(-(w - 1) // b) for w, b in zip(cfg.window, block, strict=True))
+
+
+def sums_name(lo, block, cfg: InferConfig) -> str:
+    """The sums array a block (core starting at ``lo``) writes: its position modulo
+    :func:`reach`, so two blocks that write one array are too far apart to share a chunk."""
+    return "p" + "".join(str((a // b) % k) for a, b, k in
+                         zip(lo, block, reach(block, cfg), strict=True))
+
+
+def owned_sums(raw, checkpoint, core: tuple[slice, slice, slice], cfg: InferConfig,
+               scale: float) -> tuple[np.ndarray, tuple[slice, ...]]:
+    """Pass 1 of one block: prediction x weight and weight (C + 1, *region) int64 of the
+    windows it owns (those starting in ``core``), over ``region``, the part of the volume they
+    cover (the core and up to window - 1 voxels past its far faces)."""
+    model = checkpoint if isinstance(checkpoint, torch.nn.Module) else load_model(checkpoint)
+    weight = gaussian_weight(cfg.window, cfg.sigma_scale).astype(np.float64)
+    lo = np.array([c.start for c in core])
+    hi = np.array([c.stop for c in core])
+    per_axis = [st[(st >= a) & (st < b)] for st, a, b in zip(_grid(raw.shape, cfg), lo, hi,
+                                                              strict=True)]
+    wins = list(itertools.product(*per_axis))
+    end = hi if not wins else np.maximum(hi, np.minimum(
+        np.max(np.array(wins) + np.asarray(cfg.window), axis=0), raw.shape))
+    region = tuple(slice(int(a), int(b)) for a, b in zip(lo, end, strict=True))
+    out_ch = model.config.out_channels
+    acc = np.zeros((out_ch + 1, *(end - lo)), np.int64)
+    n = cfg.batch_size
+    for i in range(0, len(wins), n):
+        chunk = wins[i:i + n]
+        batch = normalize_windows(np.stack([read_padded(raw, s, cfg.window) for s in chunk]))
+        # every forward pass has batch_size windows (the last one padded with zero windows,
+        # whose outputs are dropped): kernels may round differently for another batch size
+        batch = np.concatenate([batch, np.zeros((n - len(chunk), *batch.shape[1:]), batch.dtype)])
+        preds = _predict(model, batch, cfg.tta)[:len(chunk)]
+        FORWARDS["windows"] += len(chunk)
+        for st, p in zip(chunk, preds, strict=True):
+            b = np.minimum(np.array(st) + cfg.window, raw.shape)
+            src = tuple(slice(0, int(y - x)) for x, y in zip(st, b, strict=True))
+            dst = tuple(slice(int(x - a), int(y - a)) for x, y, a in zip(st, b, lo, strict=True))
+            w = weight[src]
+            acc[(slice(0, out_ch),) + dst] += np.rint(p[(slice(None),) + src] * w * scale
+                                                      ).astype(np.int64)
+            acc[(out_ch,) + dst] += np.rint(w * scale).astype(np.int64)
+    return acc, region
+
+
+def blend_sums(sums: list[np.ndarray]) -> np.ndarray:
+    """Pass 2 of one block: the affinities (C, *core) float32 from the (C + 1, *core) sums of
+    every sums array over the block's core."""
+    total = np.sum(np.stack(sums), axis=0)
+    return (total[:-1] / total[-1:]).astype(np.float32)
+
+
 def _encode(aff: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "uint8":
         return np.clip(np.rint(aff * 255.0), 0, 255).astype(np.uint8)
     return aff.astype(np.float16)
 
 
-def _block_task(raw_path: str, out_path: str, checkpoint: str, idx, core, cfg: InferConfig
-                ) -> float:
-    """Predict one block into the staging folder ``out_path``, then leave its done marker."""
+def _sums_task(raw_path: str, out_path: str, checkpoint: str, idx, core, cfg: InferConfig,
+               block, scale: float) -> float:
+    """Pass 1 of one block into the staging folder ``out_path``, then its 'owned' marker."""
     t0 = time.perf_counter()
     # the same torch thread count wherever the task runs (a Dask nanny sets OMP_NUM_THREADS=1),
-    # from the config only (not from snakemake --cores or the Dask threads): float sums, and so
-    # the stored affinities, depend on it
+    # from the config only (not from snakemake --cores or the Dask threads): the network's
+    # float results depend on it
     torch.set_num_threads(cfg.threads)
     raw = zarr.open_group(raw_path, mode="r")["raw"]
-    out = writable(zarr.open_group(out_path, mode="r+")["affinities"])
-    aff = predict_block(raw, checkpoint, core, cfg)
-    out[(slice(None),) + tuple(core)] = _encode(aff, cfg.dtype)
-    mark_done(out_path, "block", idx)  # only after the chunk is fully written
+    lo = [c.start for c in core]
+    arr = writable(zarr.open_group(out_path, mode="r+")[f"{SUMS}/{sums_name(lo, block, cfg)}"])
+    acc, region = owned_sums(raw, checkpoint, core, cfg, scale)
+    arr[(slice(None),) + region] = acc
+    mark_done(out_path, "owned", idx)  # only after the sums are fully written
     dt = time.perf_counter() - t0
-    log.info("block %s %s: %.2f s", idx, [(s.start, s.stop) for s in core], dt)
+    log.info("block %s %s: windows in %.2f s", idx, [(c.start, c.stop) for c in core], dt)
     return dt
 
 
-def _predict_blocks(todo: list, total: int, paths: tuple, cfg: InferConfig, client=None) -> None:
-    """Run ``_block_task`` for each (index, core) of ``todo`` on ``client``, or else on
-    ``cfg.dask``'s cluster (a LocalCluster for 'local'); ``paths``: (raw, staging, checkpoint)."""
+def _blend_task(out_path: str, idx, core, cfg: InferConfig) -> float:
+    """Pass 2 of one block: its core's affinities from every sums array, then its marker."""
+    t0 = time.perf_counter()
+    root = zarr.open_group(out_path, mode="r+")
+    sums = root[SUMS]
+    parts = [np.asarray(sums[name][(slice(None),) + tuple(core)]) for name, _ in
+             sorted(sums.arrays())]
+    out = writable(root["affinities"])
+    out[(slice(None),) + tuple(core)] = _encode(blend_sums(parts), cfg.dtype)
+    mark_done(out_path, "block", idx)  # only after the chunk is fully written
+    return time.perf_counter() - t0
+
+
+def _run_tasks(fn, todo: list, args: tuple, total: int, desc: str, cfg: InferConfig,
+               client=None) -> None:
+    """Run ``fn(*args[:k], index, core, *args[k:])`` for each (index, core) of ``todo`` on
+    ``client``, or else on ``cfg.dask``'s cluster (a LocalCluster for 'local'); ``args`` is
+    (leading arguments, trailing arguments)."""
     from distributed import Client, LocalCluster, as_completed
     from tqdm.auto import tqdm
 
+    lead, trail = args
     with dask_client(cfg.dask if client is None else DaskConfig(), len(todo), "infer") as started:
         own = client is None and started is None
         if own:
@@ -271,9 +377,8 @@ def _predict_blocks(todo: list, total: int, paths: tuple, cfg: InferConfig, clie
         elif client is None:
             client = started
         try:
-            futures = [client.submit(_block_task, *paths, i, b, cfg, pure=False)
-                       for i, b in todo]
-            with tqdm(total=total, initial=total - len(todo), desc="infer", unit="block",
+            futures = [client.submit(fn, *lead, i, b, *trail, pure=False) for i, b in todo]
+            with tqdm(total=total, initial=total - len(todo), desc=desc, unit="block",
                       disable=None) as bar:
                 for fut in as_completed(futures):
                     fut.result()
@@ -308,6 +413,7 @@ def run(volume: str | Path, checkpoint: str | Path, out: str | Path,
     # what changes the result (not where or in how many jobs it runs)
     settings = result_settings(cfg.__dict__)
     settings["grid"] = GRID  # a staging folder of another window grid is never resumed
+    settings["blend"] = BLEND
     lineage = Lineage.of("infer", settings, {"volume": volume, "checkpoint": checkpoint})
     with exclusive(out):  # batch jobs of this stage may start together
         stage = StagedOutput(out, lineage)
@@ -321,14 +427,28 @@ def run(volume: str | Path, checkpoint: str | Path, out: str | Path,
                                                       [str(volume), str(checkpoint)]),
                              "window": list(cfg.window), "overlap": list(cfg.overlap),
                              "tta": cfg.tta})
+        sums = root.require_group(SUMS)
+        for name in {sums_name(b, block, cfg) for b in itertools.product(
+                *(range(0, n, k) for n, k in zip(raw.shape, block, strict=True)))}:
+            if name not in sums:
+                sums.create_array(name, shape=(out_ch + 1, *raw.shape),
+                                  chunks=(out_ch + 1, *block), dtype="int64", fill_value=0,
+                                  config={"write_empty_chunks": False})
+    scale = sum_scale(raw.shape, cfg)
     grid = list(blocks(raw.shape, block))
     mine = batch_of(grid, batch, cfg.batch_blocks)
-    todo = [(i, b) for i, b in mine if not stage.is_done("block", i)]
+    todo = [(i, b) for i, b in mine if not stage.is_done("owned", i)]
     what = "all blocks" if batch is None else f"batch {batch}"
     log.info("%s (%s): %d of %d blocks to predict", volume, what, len(todo), len(mine))
     if todo:  # no cluster (and no worker jobs) when every block is done
-        _predict_blocks(todo, len(mine), (str(volume), str(stage.path), str(checkpoint)), cfg,
-                        client)
+        _run_tasks(_sums_task, todo, ((str(volume), str(stage.path), str(checkpoint)),
+                                      (cfg, block, scale)), len(mine), "infer", cfg, client)
     if batch is not None:
         return stage.path
+    todo = [(i, b) for i, b in grid if not stage.is_done("block", i)]
+    log.info("%s: %d of %d blocks to blend", volume, len(todo), len(grid))
+    if todo:
+        _run_tasks(_blend_task, todo, ((str(stage.path),), (cfg,)), len(grid), "blend", cfg,
+                   client)
+    shutil.rmtree(stage.path / SUMS, ignore_errors=True)
     return stage.commit()
