@@ -81,7 +81,7 @@ def test_infer_in_batches_equals_one_job(tmp_path, infer_setup, caplog):
         out = tmp_path / "b.zarr"
         for b in range(2):  # the last batch is left to the final job, as after a lost job
             inference.run(vol, model, out, cfg, client=client, batch=b)
-        done = list((tmp_path / "b.zarr.partial" / ".done" / "block").iterdir())
+        done = list((tmp_path / "b.zarr.partial" / ".done" / "owned").iterdir())
         assert len(done) == 6 and not out.exists()
         # where the work runs is not part of the staging digest: the batches' blocks are kept
         caplog.set_level("INFO", logger="tokenunify.inference")

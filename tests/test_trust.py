@@ -80,7 +80,7 @@ def test_infer_discards_blocks_predicted_from_the_old_volume(infer_setup, tmp_pa
     with Client(LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
                              dashboard_address=None)) as client:
         inference.run(vol, model, tmp_path / "aff.zarr", cfg, client=client, batch=0)  # "killed"
-        assert len(list((tmp_path / "aff.zarr.partial/.done/block").iterdir())) == 4
+        assert len(list((tmp_path / "aff.zarr.partial/.done/owned").iterdir())) == 4
         download.run(synthetic("test", 5), vol, progress=False)  # the config changed
         out = inference.run(vol, model, tmp_path / "aff.zarr", cfg, client=client)
         ref = inference.run(vol, model, tmp_path / "clean.zarr", cfg, client=client)
