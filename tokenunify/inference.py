@@ -208,6 +208,21 @@ def _predict(model, batch: np.ndarray, tta: bool) -> np.ndarray:
     return (acc / len(flips)).float().cpu().numpy()
 
 
+def _forward(raw, model, starts: list, cfg: InferConfig):
+    """Yield (start, prediction (C, *window)) of the windows at ``starts``, ``batch_size`` at
+    a time. Every forward pass has ``batch_size`` windows (the last one padded with zero
+    windows, whose outputs are dropped): kernels may round differently for another batch
+    size, and which windows share a batch depends on the blocking."""
+    n = cfg.batch_size
+    for i in range(0, len(starts), n):
+        chunk = starts[i:i + n]
+        batch = normalize_windows(np.stack([read_padded(raw, s, cfg.window) for s in chunk]))
+        batch = np.concatenate([batch, np.zeros((n - len(chunk), *batch.shape[1:]), batch.dtype)])
+        preds = _predict(model, batch, cfg.tta)[:len(chunk)]
+        FORWARDS["windows"] += len(chunk)
+        yield from zip(chunk, preds, strict=True)
+
+
 def predict_block(raw, checkpoint, core: tuple[slice, slice, slice], cfg: InferConfig,
                   ) -> np.ndarray:
     """Blended affinities (C, *core shape) float32 of one block core.
@@ -226,23 +241,13 @@ def predict_block(raw, checkpoint, core: tuple[slice, slice, slice], cfg: InferC
     out_ch = model.config.out_channels
     acc = np.zeros((out_ch, *(hi - lo)), np.float32)
     wsum = np.zeros(tuple(hi - lo), np.float32)
-    n = cfg.batch_size
-    for i in range(0, len(wins), n):
-        chunk = wins[i:i + n]
-        batch = normalize_windows(np.stack([read_padded(raw, s, cfg.window) for s in chunk]))
-        # every forward pass has batch_size windows (the last one padded with zero windows,
-        # whose outputs are dropped): kernels may round differently for another batch size,
-        # and which windows share a batch depends on the blocking
-        batch = np.concatenate([batch, np.zeros((n - len(chunk), *batch.shape[1:]), batch.dtype)])
-        preds = _predict(model, batch, cfg.tta)[:len(chunk)]
-        FORWARDS["windows"] += len(chunk)
-        for s, p in zip(chunk, preds, strict=True):
-            a = np.maximum(np.array(s), lo)
-            b = np.minimum(np.array(s) + cfg.window, hi)
-            src = tuple(slice(x - y, z - y) for x, y, z in zip(a, s, b, strict=True))
-            dst = tuple(slice(x - y, z - y) for x, y, z in zip(a, lo, b, strict=True))
-            acc[(slice(None),) + dst] += p[(slice(None),) + src] * weight[src]
-            wsum[dst] += weight[src]
+    for s, p in _forward(raw, model, wins, cfg):
+        a = np.maximum(np.array(s), lo)
+        b = np.minimum(np.array(s) + cfg.window, hi)
+        src = tuple(slice(x - y, z - y) for x, y, z in zip(a, s, b, strict=True))
+        dst = tuple(slice(x - y, z - y) for x, y, z in zip(a, lo, b, strict=True))
+        acc[(slice(None),) + dst] += p[(slice(None),) + src] * weight[src]
+        wsum[dst] += weight[src]
     return acc / wsum
 
 
@@ -294,23 +299,14 @@ def owned_sums(raw, checkpoint, core: tuple[slice, slice, slice], cfg: InferConf
     region = tuple(slice(int(a), int(b)) for a, b in zip(lo, end, strict=True))
     out_ch = model.config.out_channels
     acc = np.zeros((out_ch + 1, *(end - lo)), np.int64)
-    n = cfg.batch_size
-    for i in range(0, len(wins), n):
-        chunk = wins[i:i + n]
-        batch = normalize_windows(np.stack([read_padded(raw, s, cfg.window) for s in chunk]))
-        # every forward pass has batch_size windows (the last one padded with zero windows,
-        # whose outputs are dropped): kernels may round differently for another batch size
-        batch = np.concatenate([batch, np.zeros((n - len(chunk), *batch.shape[1:]), batch.dtype)])
-        preds = _predict(model, batch, cfg.tta)[:len(chunk)]
-        FORWARDS["windows"] += len(chunk)
-        for st, p in zip(chunk, preds, strict=True):
-            b = np.minimum(np.array(st) + cfg.window, raw.shape)
-            src = tuple(slice(0, int(y - x)) for x, y in zip(st, b, strict=True))
-            dst = tuple(slice(int(x - a), int(y - a)) for x, y, a in zip(st, b, lo, strict=True))
-            w = weight[src]
-            acc[(slice(0, out_ch),) + dst] += np.rint(p[(slice(None),) + src] * w * scale
-                                                      ).astype(np.int64)
-            acc[(out_ch,) + dst] += np.rint(w * scale).astype(np.int64)
+    for st, p in _forward(raw, model, wins, cfg):
+        b = np.minimum(np.array(st) + cfg.window, raw.shape)
+        src = tuple(slice(0, int(y - x)) for x, y in zip(st, b, strict=True))
+        dst = tuple(slice(int(x - a), int(y - a)) for x, y, a in zip(st, b, lo, strict=True))
+        w = weight[src]
+        acc[(slice(0, out_ch),) + dst] += np.rint(p[(slice(None),) + src] * w * scale
+                                                  ).astype(np.int64)
+        acc[(out_ch,) + dst] += np.rint(w * scale).astype(np.int64)
     return acc, region
 
 
