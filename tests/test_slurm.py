@@ -39,7 +39,8 @@ pytestmark = [
                               "TOKENUNIFY_SLURM_TEST=1"),
 ]
 STAGES = {"download", "tokenize", "pretrain", "finetune", "infer_batch", "infer",
-          "agglomerate_phase", "agglomerate_merge", "agglomerate", "evaluate", "report"}
+          "agglomerate_phase", "agglomerate_merge", "agglomerate", "skeletonize", "evaluate",
+          "export", "report"}
 
 # A `tokenunify` first on PATH that fails the report stage once, then runs the real one: the
 # injected fault (PATH reaches the jobs through sbatch --export=ALL).
