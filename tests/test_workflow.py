@@ -140,7 +140,8 @@ def test_results_in_an_s3_bucket_equal_the_local_ones(finished_run, tmp_path, mo
 
     import boto3
 
-    local, cfg = finished_run
+    local, good = finished_run
+    cfg = yaml.safe_load(yaml.safe_dump(good))  # the fixture's config is shared: a copy
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -252,11 +253,12 @@ def test_job_count_of_a_volume_of_100_000_blocks_is_bounded(tmp_path):
     counts = {k: int(v) for k, v in re.findall(r"^(\w+)\s+(\d+)$", out, flags=re.M)}
     # one local barrier per phase that the next phase waits on (fragments, edges)
     per_exp = {"infer_batch": 100, "infer": 1, "agglomerate_phase": 300, "agglomerate_barrier": 2,
-               "agglomerate_merge": 1, "agglomerate": 1, "evaluate": 1}
+               "agglomerate_merge": 1, "agglomerate": 1, "evaluate": 1, "export": 1}
     for rule, n in per_exp.items():
         assert counts[rule] == 2 * n, (rule, counts)
-    # download, tokenize, report, all + per experiment: pretrain, finetune and the above
-    assert counts["total"] == 4 + 2 * (2 + sum(per_exp.values())) == 820
+    # download, tokenize, skeletonize, report, all + per experiment: pretrain, finetune and
+    # the above
+    assert counts["total"] == 5 + 2 * (2 + sum(per_exp.values())) == 823
 
 
 def test_seeded_ablation_through_the_workflow(tmp_path):
