@@ -355,16 +355,19 @@ def _blend_task(out_path: str, idx, core, cfg: InferConfig) -> float:
     return time.perf_counter() - t0
 
 
-def _run_tasks(fn, todo: list, args: tuple, total: int, desc: str, cfg: InferConfig,
-               client=None) -> None:
-    """Run ``fn(*args[:k], index, core, *args[k:])`` for each (index, core) of ``todo`` on
-    ``client``, or else on ``cfg.dask``'s cluster (a LocalCluster for 'local'); ``args`` is
-    (leading arguments, trailing arguments)."""
+def _run_phases(phases: list, cfg: InferConfig, client=None) -> None:
+    """Run each phase's tasks, phase after phase, on ``client``, or else on ``cfg.dask``'s
+    cluster (a LocalCluster for 'local'), started once for all phases. A phase is (function,
+    todo, leading arguments, trailing arguments, total, name): one task
+    ``function(*leading, index, core, *trailing)`` per (index, core) of todo."""
     from distributed import Client, LocalCluster, as_completed
     from tqdm.auto import tqdm
 
-    lead, trail = args
-    with dask_client(cfg.dask if client is None else DaskConfig(), len(todo), "infer") as started:
+    phases = [p for p in phases if p[1]]
+    if not phases:  # no cluster (and no worker jobs) when every block is done
+        return
+    with dask_client(cfg.dask if client is None else DaskConfig(), len(phases[0][1]),
+                     "infer") as started:
         own = client is None and started is None
         if own:
             client = Client(LocalCluster(n_workers=cfg.workers,
@@ -373,12 +376,13 @@ def _run_tasks(fn, todo: list, args: tuple, total: int, desc: str, cfg: InferCon
         elif client is None:
             client = started
         try:
-            futures = [client.submit(fn, *lead, i, b, *trail, pure=False) for i, b in todo]
-            with tqdm(total=total, initial=total - len(todo), desc=desc, unit="block",
-                      disable=None) as bar:
-                for fut in as_completed(futures):
-                    fut.result()
-                    bar.update()
+            for fn, todo, lead, trail, total, name in phases:
+                futures = [client.submit(fn, *lead, i, b, *trail, pure=False) for i, b in todo]
+                with tqdm(total=total, initial=total - len(todo), desc=name, unit="block",
+                          disable=None) as bar:
+                    for fut in as_completed(futures):
+                        fut.result()
+                        bar.update()
         finally:
             if own:
                 client.close()
@@ -436,15 +440,14 @@ def run(volume: str | Path, checkpoint: str | Path, out: str | Path,
     todo = [(i, b) for i, b in mine if not stage.is_done("owned", i)]
     what = "all blocks" if batch is None else f"batch {batch}"
     log.info("%s (%s): %d of %d blocks to predict", volume, what, len(todo), len(mine))
-    if todo:  # no cluster (and no worker jobs) when every block is done
-        _run_tasks(_sums_task, todo, ((str(volume), str(stage.path), str(checkpoint)),
-                                      (cfg, block, scale)), len(mine), "infer", cfg, client)
+    phases = [(_sums_task, todo, (str(volume), str(stage.path), str(checkpoint)),
+               (cfg, block, scale), len(mine), "infer")]
+    if batch is None:  # the final call also blends every block
+        blend = [(i, b) for i, b in grid if not stage.is_done("block", i)]
+        log.info("%s: %d of %d blocks to blend", volume, len(blend), len(grid))
+        phases.append((_blend_task, blend, (str(stage.path),), (cfg,), len(grid), "blend"))
+    _run_phases(phases, cfg, client)
     if batch is not None:
         return stage.path
-    todo = [(i, b) for i, b in grid if not stage.is_done("block", i)]
-    log.info("%s: %d of %d blocks to blend", volume, len(todo), len(grid))
-    if todo:
-        _run_tasks(_blend_task, todo, ((str(stage.path),), (cfg,)), len(grid), "blend", cfg,
-                   client)
     shutil.rmtree(stage.path / SUMS, ignore_errors=True)
     return stage.commit()
