@@ -134,8 +134,8 @@ def test_results_in_an_s3_bucket_equal_the_local_ones(finished_run, tmp_path, mo
     """The tiny workflow with its HDF5 dataset and every result in an S3 bucket (moto's server
     on 127.0.0.1, through Snakemake's S3 storage plugin): the metrics.csv in the bucket are
     byte for byte those of the run on disk, and no staging folder or done marker reaches it.
-    To keep the suite short the bucket run has the experiment 'none' only (and so no pretrain
-    dataset): its results do not depend on the other experiment's."""
+    To keep the suite short the bucket run has the experiment 'none' only: its results do not
+    depend on the other experiment's."""
     moto_server = pytest.importorskip("moto.server", reason="moto (dev extra) not installed")
     pytest.importorskip("snakemake_storage_plugin_s3", reason="S3 storage plugin not installed")
     import socket
@@ -145,7 +145,6 @@ def test_results_in_an_s3_bucket_equal_the_local_ones(finished_run, tmp_path, mo
     local, good = finished_run
     cfg = yaml.safe_load(yaml.safe_dump(good))  # the fixture's config is shared: a copy
     cfg["experiments"] = {"none": cfg["experiments"]["none"]}
-    del cfg["datasets"]["pre"]
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
