@@ -96,11 +96,20 @@ def test_viewer_screenshot_in_headless_chromium(stage_outputs):
     out = root / "exp" / "ds" / "neuroglancer"
     run(root / "data.zarr", root / "segmentation.zarr", root / "affinities.zarr", out, 0.5,
         ExportConfig(meshes=False))
-    viewer, server = view([out], shot=root / "shot.png", size=(640, 480), layout="xy")
+    viewer, servers = view([out], shot=root / "shot.png", size=(640, 480), layout="xy")
     try:
         img = np.asarray(Image.open(root / "shot.png").convert("RGB")).astype(int)
+        # each file server serves its export folder only
+        import requests
+
+        base = servers[0].server_address
+        url = f"http://{base[0]}:{base[1]}"
+        assert requests.get(f"{url}/layers.json", timeout=10).status_code == 200
+        assert requests.get(f"{url}/../../data.zarr/zarr.json", timeout=10).status_code in (
+            403, 404)
     finally:
-        server.shutdown()
+        for server in servers:
+            server.shutdown()
     assert img.shape == (480, 640, 3)
     sat = img.max(-1) - img.min(-1)
     colours = {tuple(c // 32) for c in img[sat > 60]}

@@ -230,18 +230,20 @@ def cmd_view(args) -> None:
 
     from tokenunify.viewer import view
 
-    viewer, server = view(args.folders, bind=args.bind, port=args.port, shot=args.screenshot,
-                          size=tuple(args.size), layout=args.layout)
-    if args.screenshot:
-        print(f"screenshot written to {args.screenshot}")
-        server.shutdown()
-        return
-    print(f"Neuroglancer: {viewer.get_viewer_url()}  (Ctrl-C to stop)", flush=True)
+    viewer, servers = view(args.folders, bind=args.bind, port=args.port, shot=args.screenshot,
+                           size=tuple(args.size), layout=args.layout)
     try:
+        if args.screenshot:
+            print(f"screenshot written to {args.screenshot}")
+            return
+        print(f"Neuroglancer: {viewer.get_viewer_url()}  (Ctrl-C to stop)", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        server.shutdown()
+        pass
+    finally:
+        for server in servers:
+            server.shutdown()
 
 
 def cmd_report(args) -> None:

@@ -1,8 +1,9 @@
 """``tokenunify view``: a local Neuroglancer viewer of exported results (:mod:`tokenunify.export`).
 
-Two local servers, both bound to 127.0.0.1 unless told otherwise: a file server for the export
-folders (cloud-volume's precomputed handler on a threaded server: it answers CORS and range
-requests and serves cloud-volume's gzip chunk files decompressed), and the ``neuroglancer``
+Local servers, all bound to 127.0.0.1 unless told otherwise: one file server per export folder,
+which serves that folder only (cloud-volume's precomputed handler on a threaded server: it
+answers CORS and range requests and serves cloud-volume's gzip chunk files decompressed), and
+the ``neuroglancer``
 package's own server, which also serves the Neuroglancer client, so nothing is fetched from
 the internet. The first folder gives the raw, affinity (hidden) and ground-truth layers and
 its segmentation; every further folder adds its segmentation, named after its experiment.
@@ -55,14 +56,12 @@ class Export:
                    json.loads((path / MANIFEST).read_text()))
 
 
-def serve_folders(folders: list[Path], bind: str = "127.0.0.1") -> tuple[ThreadingHTTPServer, str]:
-    """Serve ``folders`` (their common parent) over HTTP on a free port in a daemon thread;
-    returns (server, base URL). Paths with '..' are refused by the handler."""
+def serve_folder(folder: Path, bind: str = "127.0.0.1") -> tuple[ThreadingHTTPServer, str]:
+    """Serve one export ``folder`` (only it: nothing above it is reachable) over HTTP on a free
+    port in a daemon thread; returns (server, base URL). Paths with '..' are refused."""
     from cloudvolume.server import ViewerServerHandler
 
-    root = Path(os.path.commonpath([str(Path(f).resolve()) for f in folders]))
-    if len(folders) == 1:
-        root = root.parent
+    root = Path(folder).resolve()
 
     class Quiet(ViewerServerHandler):
         def log_message(self, fmt, *args):  # requests to the debug log, not stderr
@@ -70,21 +69,21 @@ def serve_folders(folders: list[Path], bind: str = "127.0.0.1") -> tuple[Threadi
 
     server = ThreadingHTTPServer((bind, 0), lambda *a: Quiet(f"file://{root}", *a))
     threading.Thread(target=server.serve_forever, daemon=True, name="export-files").start()
-    base = f"http://{bind}:{server.server_address[1]}"
-    server.root = root
-    return server, base
+    return server, f"http://{bind}:{server.server_address[1]}"
 
 
-def build_viewer(exports: list[Export], base: str, root: Path, bind: str = "127.0.0.1",
+def build_viewer(exports: list[Export], bases: list[str], bind: str = "127.0.0.1",
                  port: int = 0, layout: str = "xy-3d"):
-    """A ``neuroglancer.Viewer`` with the exports' layers, centred on the first volume."""
+    """A ``neuroglancer.Viewer`` with the exports' layers (each served at its base URL),
+    centred on the first volume."""
     import neuroglancer
 
     neuroglancer.set_server_bind_address(bind, port)
     viewer = neuroglancer.Viewer()
+    base_of = {id(e): b for e, b in zip(exports, bases, strict=True)}
 
     def src(e: Export, layer: str) -> str:
-        return f"precomputed://{base}/{(e.path.resolve() / layer).relative_to(root)}"
+        return f"precomputed://{base_of[id(e)]}/{layer}"
 
     first = exports[0]
     m = first.manifest
@@ -161,11 +160,11 @@ def screenshot(viewer, out: str | Path, size=(1000, 700), timeout: float = 120) 
 
 def view(folders: list[str | Path], bind: str = "127.0.0.1", port: int = 0,
          shot: str | Path | None = None, size=(1000, 700), layout: str = "xy-3d"):
-    """Serve the export ``folders`` and open them in a Neuroglancer viewer; returns
-    (viewer, file server). With ``shot``, also writes a screenshot there."""
+    """Serve the export ``folders`` (one file server each) and open them in a Neuroglancer
+    viewer; returns (viewer, file servers). With ``shot``, also writes a screenshot there."""
     exports = [Export.open(f) for f in folders]
-    server, base = serve_folders([e.path for e in exports], bind)
-    viewer = build_viewer(exports, base, server.root, bind, port, layout)
+    served = [serve_folder(e.path, bind) for e in exports]
+    viewer = build_viewer(exports, [b for _, b in served], bind, port, layout)
     if shot is not None:
         screenshot(viewer, shot, size)
-    return viewer, server
+    return viewer, [srv for srv, _ in served]
