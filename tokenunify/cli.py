@@ -296,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("pretrain", help="pretrain one experiment on tokenized crops")
     sp.add_argument("experiment")
-    sp.add_argument("--tokens", nargs="+", required=True, help="results/tokens/NAME.zarr ...")
+    sp.add_argument("--tokens", nargs="*", default=[],
+                    help="results/tokens/NAME.zarr ... (none for pretraining 'none')")
     sp.add_argument("--out", required=True, help="output folder results/models/EXP/pretrain")
     sp.add_argument("--nproc", type=int, default=None,
                     help="torchrun processes per node (default: the GPUs of the Slurm job, "

@@ -76,6 +76,13 @@ def test_none_objective_writes_random_init(tokens, tmp_path):
     state = ckpt.load(out / "checkpoint.pt")
     assert state["step"] == 0 and state["pretraining"] == "none"
     assert (out / "metrics.jsonl").read_text() == "" and (out / "loss.png").exists()
+    # without any pretrain dataset (a config with labelled data only): the same network
+    bare = ckpt.load(run([], tmp_path / "bare", "none", "none", CFG, progress=False)
+                     / "checkpoint.pt")
+    for k, v in state["model"].items():
+        assert torch.equal(v, bare["model"][k]), k
+    with pytest.raises(ValueError, match="'tokenunify' needs token stores"):
+        run([], tmp_path / "tu", "tu", "tokenunify", CFG, progress=False)
 
 
 def test_ddp_two_gloo_processes_equal_one_process(tokens, tmp_path):

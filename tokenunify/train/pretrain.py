@@ -137,9 +137,17 @@ def run(token_paths: list[str | Path], out: str | Path, experiment: str, pretrai
                          f"{di.world} processes")
     set_threads(di.device, cfg.threads)
     torch.manual_seed(cfg.seed)
-    sampler = CropSampler(token_paths, cfg.dataset_weights, cfg.seed)
+    if token_paths:
+        sampler = CropSampler(token_paths, cfg.dataset_weights, cfg.seed)
+        crop, patch = sampler.crop, sampler.patch
+    elif tasks:
+        raise ValueError(f"experiment {experiment!r}: pretraining {pretraining!r} needs token "
+                         f"stores (give a dataset the role 'pretrain')")
+    else:  # 'none' trains nothing: the (unused) heads take the tokenize defaults' shapes
+        sampler, tok = None, defaults("tokenize")
+        crop, patch = tuple(tok["crop"]), tuple(tok["patch"])
     net = EMmamba(preset(cfg.model, out_channels=1))
-    model = TokenObjective(net, sampler.crop, sampler.patch, cfg.objective, tasks).to(di.device)
+    model = TokenObjective(net, crop, patch, cfg.objective, tasks).to(di.device)
     # what changes the weights (not the process count: N processes equal one)
     settings = result_settings(cfg.to_dict())
     lineage = Lineage.of("pretrain", {"cfg": settings, "tasks": tasks},
@@ -174,7 +182,7 @@ def run(token_paths: list[str | Path], out: str | Path, experiment: str, pretrai
             "optimizer": optim.state_dict(), "scheduler": sched.state_dict(), "step": step,
             "experiment": experiment, "pretraining": pretraining,
             "config": {"pretrain": cfg.to_dict(), "pipeline": config_snapshot or {}},
-            "crop": list(sampler.crop), "patch": list(sampler.patch)})
+            "crop": list(crop), "patch": list(patch)})
 
     # disable=None: a bar on terminals only (not in Snakemake's log files), rank 0 only
     quiet = True if not di.is_main else (None if progress is None else not progress)
