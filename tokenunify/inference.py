@@ -310,10 +310,13 @@ def owned_sums(raw, checkpoint, core: tuple[slice, slice, slice], cfg: InferConf
     return acc, region
 
 
-def blend_sums(sums: list[np.ndarray]) -> np.ndarray:
+def blend_sums(sums) -> np.ndarray:
     """Pass 2 of one block: the affinities (C, *core) float32 from the (C + 1, *core) sums of
-    every sums array over the block's core."""
-    total = np.sum(np.stack(sums), axis=0)
+    every sums array over the block's core (an iterable: added one at a time, so memory holds
+    two of them, not all)."""
+    total = None
+    for part in sums:
+        total = np.array(part, np.int64) if total is None else np.add(total, part, out=total)
     return (total[:-1] / total[-1:]).astype(np.float32)
 
 
@@ -347,8 +350,7 @@ def _blend_task(out_path: str, idx, core, cfg: InferConfig) -> float:
     t0 = time.perf_counter()
     root = zarr.open_group(out_path, mode="r+")
     sums = root[SUMS]
-    parts = [np.asarray(sums[name][(slice(None),) + tuple(core)]) for name, _ in
-             sorted(sums.arrays())]
+    parts = (np.asarray(arr[(slice(None),) + tuple(core)]) for _, arr in sorted(sums.arrays()))
     out = writable(root["affinities"])
     out[(slice(None),) + tuple(core)] = _encode(blend_sums(parts), cfg.dtype)
     mark_done(out_path, "block", idx)  # only after the chunk is fully written
