@@ -6,8 +6,8 @@ whose boundaries are widened by one voxel, 0.8 a + 0.1 + N(0, 0.03), clipped), t
 end to end twice, each run in a fresh process: ``hierarchy: null`` (one global merge) and
 ``hierarchy: [2, 2, 2]`` (an octree of blocks). Fragments: the default per-section seeded
 watershed in tiles of 128 (waterz's 3-D watershed makes a fragment every few voxels on these
-noisy affinities); block 64 x 128 x 128; thresholds 0.3 / 0.5 / 0.7; ``stitch_threshold:
-null`` for both (the hierarchy needs it).
+noisy affinities); block 64 x 128 x 128; thresholds 0.3 / 0.5 / 0.7; the default stitching
+across tile edges (``stitch_threshold: 0.5``) for both.
 
 Prints per size and run: fragments, edges, the wall time of each step (fragments, edges, merge,
 relabel) and the peak RSS of the process (the Dask scheduler runs threads in that process, so it
@@ -79,7 +79,7 @@ def agglomerate(work: Path, hierarchy) -> dict:
     from tokenunify.agglomerate import blockwise as bw
 
     cfg = AgglomerateConfig(block=BLOCK, thresholds=(0.3, 0.5, 0.7), tile=128, context=16,
-                            stitch_threshold=None, hierarchy=hierarchy, workers=2)
+                            hierarchy=hierarchy, workers=2)
     steps: dict = {}
     compute = bw._compute
 

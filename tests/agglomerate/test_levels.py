@@ -9,14 +9,15 @@ import pytest
 import zarr
 
 from tests.agglomerate.test_agglomerate import MEAN, THRESHOLDS, synthetic  # noqa: F401
+from tests.conftest import NEUROPROOF, need
 from tokenunify.agglomerate import AgglomerateConfig, run, threshold_name
 from tokenunify.agglomerate import levels as lv
 from tokenunify.agglomerate.scoring import DEFAULT
 
 
 def segment(path, out, **kw):
-    cfg = AgglomerateConfig(block=(8, 64, 64), tile=64, context=16, thresholds=THRESHOLDS,
-                            stitch_threshold=None, **kw)
+    kw = {"block": (8, 64, 64), "tile": 64, "stitch_threshold": None, **kw}
+    cfg = AgglomerateConfig(context=16, thresholds=THRESHOLDS, **kw)
     root = zarr.open_group(str(run(path, out, cfg)), mode="r")
     return {t: root[threshold_name(t)][:] for t in THRESHOLDS}
 
@@ -34,9 +35,56 @@ def test_hierarchy_gives_the_flat_result(synthetic, tmp_path, scoring):  # noqa:
             assert len(np.unique(flat[t])) > 3
 
 
+HISTOGRAM = "OneMinus<HistogramQuantileAffinity<RegionGraphType, 75, ScoreValue, 16, false>>"
+
+
+@pytest.mark.parametrize("scoring", [DEFAULT, MEAN, HISTOGRAM])
+@pytest.mark.parametrize("tile", [64, 32])
+def test_stitched_hierarchy_gives_the_flat_result(synthetic, tmp_path, scoring, tile):  # noqa: F811
+    """With stitching across tile edges (the default stitch_threshold 0.5), the hierarchy
+    equals the flat merge: groups of tile-split fragments that span blocks (tile = block: every
+    group does) are completed in the node that holds all of their members, and until then
+    their edges go up raw. Checked to stitch something and to differ from not stitching."""
+    _, path, _ = synthetic
+    kw = {"scoring": scoring, "tile": tile, "stitch_threshold": 0.5}
+    flat = segment(path, tmp_path / "flat.zarr", **kw)
+    if scoring != HISTOGRAM:  # (on 16 bins at quantile 75 stitching changes nothing here)
+        unstitched = segment(path, tmp_path / "raw.zarr", scoring=scoring, tile=tile)
+        assert any(not np.array_equal(flat[t], unstitched[t]) for t in THRESHOLDS)
+    for fan in ([2, 2, 2], [3, 2, 2]):
+        hier = segment(path, tmp_path / f"h{fan[0]}.zarr", hierarchy=fan, **kw)
+        for t in THRESHOLDS:
+            assert np.array_equal(flat[t], hier[t]), (fan, t)
+
+
+def test_stitched_hierarchy_on_real_neuroproof(tmp_path):
+    """The same on NeuroProof's labels (noisy affinities from them, as the chunk-invariance
+    test): 24 x 128 x 128 voxels in 3 x 2 x 2 blocks of tiles of 32, stitched at 0.5."""
+    import gzip
+    import shutil
+
+    import h5py
+
+    from tests.agglomerate.test_agglomerate import noisy_affinities, write_affinities
+
+    gz = need(NEUROPROOF) / "groundtruth.h5.gz"
+    h5 = tmp_path / "gt.h5"
+    with gzip.open(gz, "rb") as f, open(h5, "wb") as g:
+        shutil.copyfileobj(f, g)
+    with h5py.File(h5, "r") as f:
+        labels = f["stack"][100:124, 0:128, 0:128].astype(np.uint64)
+    path, _ = write_affinities(tmp_path / "np.zarr", noisy_affinities(labels, seed=1))
+    kw = {"tile": 32, "stitch_threshold": 0.5}
+    flat = segment(path, tmp_path / "flat.zarr", **kw)
+    hier = segment(path, tmp_path / "h.zarr", hierarchy=[2, 2, 2], **kw)
+    for t in THRESHOLDS:
+        assert np.array_equal(flat[t], hier[t]), t
+        assert len(np.unique(flat[t])) > 3
+
+
 def test_killed_level_resumes_to_the_same_result(synthetic, tmp_path, monkeypatch):  # noqa: F811
     _, path, _ = synthetic
-    whole = segment(path, tmp_path / "a.zarr", hierarchy=[2, 2, 2])
+    whole = segment(path, tmp_path / "a.zarr", hierarchy=[2, 2, 2], stitch_threshold=0.5)
     real, calls = lv.node_task, []
 
     def dying(work, level, node, *a, **k):
@@ -46,7 +94,7 @@ def test_killed_level_resumes_to_the_same_result(synthetic, tmp_path, monkeypatc
         return real(work, level, node, *a, **k)
 
     monkeypatch.setattr(lv, "node_task", dying)
-    cfg = dict(hierarchy=[2, 2, 2])
+    cfg = dict(hierarchy=[2, 2, 2], stitch_threshold=0.5)
     with pytest.raises(RuntimeError, match="killed"):
         segment(path, tmp_path / "b.zarr", **cfg)
     done0 = list((tmp_path / "b.zarr.partial" / ".work" / ".done" / "level0").iterdir())
@@ -65,8 +113,6 @@ def test_bad_hierarchies_and_tables_are_named(synthetic, tmp_path):  # noqa: F81
         AgglomerateConfig(hierarchy=[1, 1, 1], stitch_threshold=None)
     with pytest.raises(ValueError, match="y has 2 blocks but 1 child per node"):
         lv.level_grids((3, 2, 2), (3, 1, 1))
-    with pytest.raises(ValueError, match="stitch_threshold: null"):
-        AgglomerateConfig(hierarchy=[2, 2, 2])
     # an edge table naming a fragment above the fragment count
     cfg = AgglomerateConfig(block=(8, 64, 64), tile=64, context=16, thresholds=THRESHOLDS,
                             stitch_threshold=None, hierarchy=[2, 2, 2])

@@ -117,9 +117,6 @@ class AgglomerateConfig:
         if self.hierarchy is not None:
             self.hierarchy = tuple(int(f) for f in self.hierarchy)
             lv.level_grids((1, 1, 1), self.hierarchy)  # checks the fan-out
-            if self.stitch_threshold is not None:
-                raise ValueError("agglomerate.hierarchy needs agglomerate.stitch_threshold: null "
-                                 "(joining fragments across tile edges is a global step)")
             if self.method != "blockwise":
                 raise ValueError("agglomerate.hierarchy works with method 'blockwise' only")
         if self.method == "blockwise" and self.block[0] % self.tile_depth:
@@ -202,8 +199,10 @@ def _edges_task(aff_path, scale, out, work, idx, box, tile, offsets, hist_bins, 
     mark_done(work, "edges", idx)
 
 
-def _level_task(work, level, node, grids, fanout, frag_blocks, scoring, max_threshold):
-    lv.node_task(work, level, node, grids, fanout, frag_blocks, scoring, max_threshold)
+def _level_task(work, level, node, grids, fanout, frag_blocks, scoring, max_threshold,
+                stitch_threshold):
+    lv.node_task(work, level, node, grids, fanout, frag_blocks, scoring, max_threshold,
+                 stitch_threshold)
     mark_done(work, f"level{level}", node)
 
 
@@ -392,7 +391,7 @@ class _Blockwise:
         todo = [n for n in subset if not marker_path(self.work, f"level{level}", n).exists()]
         self._run([delayed(_level_task, pure=False)(str(self.work), level, n, grids,
                                                    c.hierarchy, frag_blocks, self.scoring,
-                                                   max(c.thresholds))
+                                                   max(c.thresholds), c.stitch_threshold)
                    for n in todo], f"merge level {level}")
 
     def _levels(self, offsets, n_frag: int) -> MergeHistory:
@@ -401,7 +400,6 @@ class _Blockwise:
         self.level(len(nodes) - 1)
         grids = [tuple(max(n[k] for n in ns) + 1 for k in range(3)) for ns in nodes]
         history = lv.collect(self.work, grids, n_frag)
-        history.pre = np.arange(n_frag + 1, dtype=np.uint64)
         log.info("hierarchical merge: %d levels, %d merges", len(grids), len(history.u))
         return history
 

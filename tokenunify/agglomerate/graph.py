@@ -97,6 +97,17 @@ def reduce_edges(tables: list[pd.DataFrame]) -> pd.DataFrame:
                          "cut_sum": g["cut_sum"].sum()}).reset_index()
 
 
+def stitch_pairs(edges: pd.DataFrame, threshold: float | None) -> np.ndarray:
+    """(len(edges),) bool: the fragment pairs that a tile edge split and that are joined, those
+    whose samples across tile edges have a mean affinity >= ``threshold`` (none when it is None
+    or the table has no cut columns)."""
+    if threshold is None or edges.empty or "cut_count" not in edges:
+        return np.zeros(len(edges), bool)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = edges["cut_sum"].to_numpy() / edges["cut_count"].to_numpy()
+    return (edges["cut_count"].to_numpy() > 0) & (mean >= threshold)
+
+
 def stitch(edges: pd.DataFrame, n_fragments: int, threshold: float | None,
            histograms: pd.DataFrame | None = None):
     """Join fragments that a tile edge split: pairs whose samples across tile edges have a mean
@@ -112,11 +123,7 @@ def stitch(edges: pd.DataFrame, n_fragments: int, threshold: float | None,
 
     n = n_fragments + 1
     pre = np.arange(n, dtype=np.uint64)
-    if threshold is None or edges.empty or "cut_count" not in edges:
-        return pre, edges, histograms
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = edges["cut_sum"].to_numpy() / edges["cut_count"].to_numpy()
-    sel = (edges["cut_count"].to_numpy() > 0) & (mean >= threshold)
+    sel = stitch_pairs(edges, threshold)
     if not sel.any():
         return pre, edges, histograms
     graph = coo_matrix((np.ones(int(sel.sum()), np.int8),

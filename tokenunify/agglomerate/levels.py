@@ -8,16 +8,30 @@ Level 0 is the block grid of the edges phase; a node of level k + 1 groups ``hie
   (+z, +y, +x) sampled across its high faces;
 - level k > 0: its children's outputs,
 
-splits them into the edges inside the node and those that leave it, runs
-:func:`tokenunify.agglomerate.merge.merge_node` with the segments of the leaving edges
-frozen, and writes its merges and its output (residual plus leaving edges) as parquet files in
-``.work/levels``, then a done marker. A rerun skips the nodes that have one, so a killed level
-resumes where it stopped. Memory per task: the node's residual graph, which is what touches its
-faces (all of a frozen segment's live edges), never the whole graph.
+joins the stitched groups it can complete, runs :func:`tokenunify.agglomerate.merge.merge_node`
+on its graph edges with the segments of the edges that leave it frozen, and writes its merges
+and its outputs as parquet files in ``.work/levels``, then a done marker. A rerun skips the
+nodes that have one, so a killed level resumes where it stopped. Memory per task: what touches
+the node's faces (all of a frozen segment's live edges), never the whole graph.
 
-Edge tables (parquet): ``u, v`` (current segment ids, u < v), ``k0, k1`` (the key: the
-smallest original fragment pair among the edge's parts), ``score``, ``stale``, and ``count,
-sum`` (mean scoring) or a histogram table ``k0, k1, bin, n`` (quantile scoring).
+Stitching (``stitch_threshold``, as :func:`tokenunify.agglomerate.graph.stitch` in the flat
+merge): the flat merge contracts each group of tile-split fragments into one before merging
+(counts and sums add, maxima take the max, the key is the pair of representatives, the
+smallest ids of the groups). A node knows a group completely only when none of its members has
+a stitch pair leaving the node, so edges stay *raw* (per original fragment pair, statistics
+unscored) until the node where both ends are inside and both groups complete; there they are
+contracted onto the representatives and become graph edges, exactly the flat merge's. The
+other raw edges go up unchanged and their ends are frozen. Open groups go up as (fragment,
+representative) rows; each node records the groups it completed, which give the history's
+``pre``.
+
+Outputs per node: ``NAME.parquet``: the residual graph edges, ``u, v`` (current segment ids,
+u < v), ``k0, k1`` (the key: the smallest contracted fragment pair among the edge's parts),
+``score``, ``stale``, and ``count, sum`` (mean scoring) or a histogram table
+``NAME.hist.parquet`` (``k0, k1, bin, n``); ``NAME.raw.parquet``: raw edges (``u, v`` original
+fragments, ``count, sum, max, cut_count, cut_sum``; ``NAME.rawhist.parquet`` with per-sample
+histograms); ``NAME.groups.parquet``: (``fragment, rep``); ``NAME.merges.npz``: the merges and
+the completed groups.
 """
 
 from __future__ import annotations
@@ -29,6 +43,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from tokenunify.agglomerate.graph import stitch_pairs
 from tokenunify.agglomerate.merge import MergeHistory, NodeGraph, merge_node
 from tokenunify.agglomerate.scoring import Scoring, discretize
 
@@ -246,13 +261,65 @@ def merge_frames(df: pd.DataFrame, hist: pd.DataFrame | None, frozen: set, scori
     return merges, rdf, rh
 
 
+def _groups(raw: pd.DataFrame, groups: pd.DataFrame, inside_u, inside_v,
+            stitch_threshold: float | None):
+    """The stitched groups a node can see: connected components of its children's groups
+    (fragment, rep) and of the stitch pairs among ``raw`` with both ends inside the node.
+
+    Returns (ids, rep, complete): sorted fragment ids, each one's representative (the smallest
+    id of its group so far) and whether its group is complete here (none of its members has a
+    stitch pair leaving the node). Fragments not listed are their own complete group."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    stitched = stitch_pairs(raw, stitch_threshold)
+    both = stitched & inside_u & inside_v
+    su, sv = raw["u"].to_numpy(np.int64), raw["v"].to_numpy(np.int64)
+    gf, gr = groups["fragment"].to_numpy(np.int64), groups["rep"].to_numpy(np.int64)
+    ids = np.unique(np.concatenate([su[stitched], sv[stitched], gf, gr]))
+    if not len(ids):
+        return ids, ids, np.zeros(0, bool)
+    a = np.searchsorted(ids, np.concatenate([su[both], gf]))
+    b = np.searchsorted(ids, np.concatenate([sv[both], gr]))
+    graph = coo_matrix((np.ones(len(a), np.int8), (a, b)), shape=(len(ids), len(ids)))
+    _, comp = connected_components(graph, directed=False)
+    smallest = np.full(comp.max() + 1, np.iinfo(np.int64).max, np.int64)
+    np.minimum.at(smallest, comp, ids)
+    open_ = np.zeros(comp.max() + 1, bool)  # a member's stitch pair leaves the node
+    out_u, out_v = stitched & inside_u & ~inside_v, stitched & inside_v & ~inside_u
+    open_[comp[np.searchsorted(ids, su[out_u])]] = True
+    open_[comp[np.searchsorted(ids, sv[out_v])]] = True
+    return ids, smallest[comp], ~open_[comp]
+
+
+def _lookup(ids, values, default, query):
+    """values[i] where ids[i] == query, else default(query) (ids sorted)."""
+    query = np.asarray(query, np.int64)
+    out = default(query)
+    if len(ids):
+        i = np.minimum(np.searchsorted(ids, query), len(ids) - 1)
+        hit = ids[i] == query
+        out[hit] = values[i[hit]]
+    return out
+
+
+def _read(base: Path, suffix: str) -> pd.DataFrame:
+    path = Path(f"{base}{suffix}")
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: an output of node {base.name} is missing (rerun that "
+                                f"level)")
+    return pd.read_parquet(path)
+
+
 def node_task(work: str, level: int, node, grids, fanout, frag_blocks: FragmentBlocks,
-              scoring: Scoring, max_threshold: float) -> None:
+              scoring: Scoring, max_threshold: float, stitch_threshold: float | None = None
+              ) -> None:
     """Merge one node of one level (see the module docstring) and mark it done."""
     work = Path(work)
     out = work / "levels"
     node = tuple(int(i) for i in node)
     scale = np.array([int(f) ** level for f in fanout])
+    hist_cols = ["u", "v", "bin", "n"]
 
     def home(ids):
         if not len(ids):
@@ -264,67 +331,110 @@ def node_task(work: str, level: int, node, grids, fanout, frag_blocks: FragmentB
                              f"{' (block ' + str(list(node)) + ')' if level == 0 else ''}: "
                              f"{exc}") from exc
 
+    def inside(ids):
+        return (home(ids) == node).all(axis=1)
+
+    state, state_h = None, None
     if level == 0:
         raw, raw_hist = _block_graph(work / "edges", node, grids[0], scoring, frag_blocks.n)
-        hu, hv = home(raw["u"].to_numpy()), home(raw["v"].to_numpy())
-        mine_u = (hu == node).all(axis=1)
-        mine_v = (hv == node).all(axis=1)
-        raw = raw[(raw["own"].to_numpy() | mine_u | mine_v)]
-        raw = raw.groupby(["u", "v"], as_index=False)[["count", "sum", "max"]].agg(
-            {"count": "sum", "sum": "sum", "max": "max"})
-        hist = None
+        raw = raw[(raw["own"].to_numpy() | inside(raw["u"].to_numpy()) |
+                   inside(raw["v"].to_numpy()))]
+        agg = {"count": "sum", "sum": "sum", "max": "max"}
+        agg.update({c: "sum" for c in ("cut_count", "cut_sum") if c in raw})
+        raw = raw.groupby(["u", "v"], as_index=False)[list(agg)].agg(agg)
         if raw_hist is not None:  # only the kept edges' histograms
-            hist = raw_hist.merge(raw[["u", "v"]], on=["u", "v"])
-            hist = hist.groupby(["u", "v", "bin"], as_index=False)["n"].sum()
-        df, h = _leaf_frames(raw, hist, scoring)
+            raw_hist = raw_hist.merge(raw[["u", "v"]], on=["u", "v"])
+            raw_hist = raw_hist.groupby(["u", "v", "bin"], as_index=False)["n"].sum()
+        groups = pd.DataFrame({"fragment": np.zeros(0, np.int64), "rep": np.zeros(0, np.int64)})
     else:
         kids = [tuple(n * int(f) + i for n, f, i in zip(node, fanout, off, strict=True))
                 for off in itertools.product(*(range(int(f)) for f in fanout))]
         kids = [k for k in kids if all(a < g for a, g in zip(k, grids[level - 1], strict=True))]
-        dfs, hs = [], []
+        parts: dict[str, list] = {"": [], ".hist": [], ".raw": [], ".rawhist": [], ".groups": []}
         for k in kids:
             base = out / _name(level - 1, k)
-            if not Path(str(base) + ".parquet").exists():
-                raise FileNotFoundError(f"{base}.parquet: the output of node {list(k)} of level "
-                                        f"{level - 1} is missing (rerun that level)")
-            dfs.append(pd.read_parquet(str(base) + ".parquet"))
-            if scoring.kind != "mean":
-                hs.append(pd.read_parquet(str(base) + ".hist.parquet"))
-        # an edge between two children is in both outputs, unchanged (its ends are frozen)
-        df = pd.concat(dfs, ignore_index=True).drop_duplicates(["k0", "k1"])
-        h = (pd.concat(hs, ignore_index=True).drop_duplicates(["k0", "k1", "bin"])
-             if hs else None)
-    hu, hv = home(df["u"].to_numpy()), home(df["v"].to_numpy())
-    inside = (hu == node).all(axis=1) & (hv == node).all(axis=1)
-    leaving = df[~inside]
-    frozen = set(leaving["u"].tolist()) | set(leaving["v"].tolist())
-    merges, rdf, rh = merge_frames(df[inside].reset_index(drop=True), h, frozen, scoring,
-                                   max_threshold)
-    result = pd.concat([rdf, leaving[rdf.columns]], ignore_index=True)
+            for suffix, frames in parts.items():
+                if suffix == ".hist" and scoring.kind == "mean" or \
+                        suffix == ".rawhist" and not scoring.needs_histogram:
+                    continue
+                frames.append(_read(base, suffix + ".parquet"))
+        # an edge between two children is in both outputs, unchanged (raw, its ends frozen)
+        state = pd.concat(parts[""], ignore_index=True)
+        state_h = pd.concat(parts[".hist"], ignore_index=True) if parts[".hist"] else None
+        raw = pd.concat(parts[".raw"], ignore_index=True).drop_duplicates(["u", "v"])
+        raw_hist = (pd.concat(parts[".rawhist"], ignore_index=True).drop_duplicates(
+            ["u", "v", "bin"]) if parts[".rawhist"] else None)
+        groups = pd.concat(parts[".groups"], ignore_index=True)
+    # stitching: a raw edge becomes a graph edge here when both ends are inside and their
+    # groups complete; the others go up raw, and their ends (groups) are frozen
+    ru, rv = raw["u"].to_numpy(np.int64), raw["v"].to_numpy(np.int64)
+    in_u, in_v = inside(ru), inside(rv)
+    ids, rep, complete = _groups(raw, groups, in_u, in_v, stitch_threshold)
+    rep_u = _lookup(ids, rep, lambda q: q.copy(), ru)
+    rep_v = _lookup(ids, rep, lambda q: q.copy(), rv)
+    ready = (in_u & in_v & _lookup(ids, complete, lambda q: np.ones(len(q), bool), ru) &
+             _lookup(ids, complete, lambda q: np.ones(len(q), bool), rv))
+    carry = raw[~ready]
+    new = raw[ready].assign(u=np.minimum(rep_u, rep_v)[ready], v=np.maximum(rep_u, rep_v)[ready])
+    new = new[new["u"] != new["v"]]
+    new = new.groupby(["u", "v"], as_index=False)[["count", "sum", "max"]].agg(
+        {"count": "sum", "sum": "sum", "max": "max"})
+    new_hist = None
+    if raw_hist is not None:
+        m = raw_hist.merge(raw[ready][["u", "v"]], on=["u", "v"])
+        mu, mv = (_lookup(ids, rep, lambda q: q.copy(), m[c].to_numpy()) for c in ("u", "v"))
+        new_hist = m.assign(u=np.minimum(mu, mv), v=np.maximum(mu, mv))
+        new_hist = new_hist[new_hist["u"] != new_hist["v"]].groupby(
+            ["u", "v", "bin"], as_index=False)["n"].sum()
+    df, h = _leaf_frames(new, new_hist, scoring)
+    if state is not None and len(state):
+        df = pd.concat([state, df[state.columns]], ignore_index=True)
+        h = pd.concat([x for x in (state_h, h) if x is not None], ignore_index=True) \
+            if h is not None or state_h is not None else None
+    frozen = set(rep_u[~ready].tolist()) | set(rep_v[~ready].tolist())
+    merges, rdf, rh = merge_frames(df, h, frozen, scoring, max_threshold)
+    # groups the parent needs: every member of an open group, and the members that carried
+    # edges name; groups completed here go into the history's stitched representatives
+    big = np.zeros(len(ids), bool)
+    if len(ids):
+        reps, sizes = np.unique(rep, return_counts=True)
+        big = sizes[np.searchsorted(reps, rep)] > 1
+    named = np.union1d(carry["u"].to_numpy(np.int64), carry["v"].to_numpy(np.int64))
+    keep_g = big & (~complete | np.isin(ids, named))
+    done_g = big & complete
     base = out / _name(level, node)
     out.mkdir(parents=True, exist_ok=True)
-    if h is not None or scoring.kind != "mean":
-        keys = leaving[["k0", "k1"]]
-        lh = h.merge(keys, on=["k0", "k1"]) if h is not None else None
-        hh = pd.concat([x for x in (rh, lh) if x is not None], ignore_index=True)
-        hh.to_parquet(str(base) + ".hist.parquet")
+    if scoring.kind != "mean":
+        (rh if rh is not None else pd.DataFrame(columns=["k0", "k1", "bin", "n"])).to_parquet(
+            str(base) + ".hist.parquet")
+    if raw_hist is not None:
+        raw_hist.merge(carry[["u", "v"]], on=["u", "v"])[hist_cols].to_parquet(
+            str(base) + ".rawhist.parquet")
+    carry.to_parquet(str(base) + ".raw.parquet")
+    pd.DataFrame({"fragment": ids[keep_g], "rep": rep[keep_g]}).to_parquet(
+        str(base) + ".groups.parquet")
     np.savez(str(base) + ".merges.npz", u=np.asarray([m[0] for m in merges], np.uint64),
              v=np.asarray([m[1] for m in merges], np.uint64),
-             level=np.asarray([m[2] for m in merges], np.float64))
-    result.to_parquet(str(base) + ".parquet")  # written last: its presence means done
-    log.debug("level %d node %s: %d edges inside, %d leaving, %d merges, %d residual", level,
-              node, int(inside.sum()), len(leaving), len(merges), len(rdf))
+             level=np.asarray([m[2] for m in merges], np.float64),
+             pre_fragment=ids[done_g].astype(np.uint64), pre_rep=rep[done_g].astype(np.uint64))
+    rdf.to_parquet(str(base) + ".parquet")  # written last: its presence means done
+    log.debug("level %d node %s: %d edges, %d carried up raw, %d merges, %d residual", level,
+              node, len(df), len(carry), len(merges), len(rdf))
 
 
 def collect(work: Path, grids, n_fragments: int) -> MergeHistory:
-    """All nodes' merges as one history (order does not matter to the lookup tables)."""
+    """All nodes' merges as one history (order does not matter to the lookup tables), with the
+    stitched representative of every fragment (``pre``) from the nodes that completed its
+    group."""
     us, vs, ls = [], [], []
+    pre = np.arange(n_fragments + 1, dtype=np.uint64)
     for level, grid in enumerate(grids):
         for node in itertools.product(*(range(g) for g in grid)):
             with np.load(work / "levels" / (_name(level, node) + ".merges.npz")) as f:
                 us.append(f["u"])
                 vs.append(f["v"])
                 ls.append(f["level"])
+                pre[f["pre_fragment"].astype(np.int64)] = f["pre_rep"]
     cat = (lambda x, t: np.concatenate(x).astype(t) if x else np.zeros(0, t))  # noqa: E731
     return MergeHistory(cat(us, np.uint64), cat(vs, np.uint64), cat(ls, np.float64),
-                        n_fragments)
+                        n_fragments, pre)
