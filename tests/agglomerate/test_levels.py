@@ -82,6 +82,47 @@ def test_stitched_hierarchy_on_real_neuroproof(tmp_path):
         assert len(np.unique(flat[t])) > 3
 
 
+def test_hierarchy_output_graph_gives_its_segmentation(synthetic, tmp_path):  # noqa: F811
+    """The output's merge graph (u, v, level, pre), written node by node, gives back every
+    threshold's segmentation through MergeHistory.lut, as the flat merge's does; a killed
+    pass of segment ids going down resumes to the same result."""
+    from tokenunify.agglomerate.merge import MergeHistory
+
+    _, path, _ = synthetic
+    kw = {"tile": 32, "stitch_threshold": 0.5, "hierarchy": [2, 2, 2]}
+    whole = segment(path, tmp_path / "a.zarr", **kw)
+    root = zarr.open_group(str(tmp_path / "a.zarr"), mode="r")
+    g = root["graph"]
+    history = MergeHistory(g["u"][:], g["v"][:], g["level"][:], int(g.attrs["n_fragments"]),
+                           g["pre"][:])
+    assert (history.pre != np.arange(len(history.pre))).any()  # something was stitched
+    frag = root["fragments"][:].astype(np.int64)
+    for t in THRESHOLDS:
+        assert np.array_equal(history.lut(t)[frag], whole[t]), t
+
+    real, calls = lv.down_task, []
+
+    def dying(work, level, node, *a, **k):
+        if calls:
+            raise RuntimeError("killed")
+        calls.append(node)
+        return real(work, level, node, *a, **k)
+
+    import tokenunify.agglomerate.blockwise as bw
+
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(lv, "down_task", dying)
+    try:
+        with pytest.raises(RuntimeError, match="killed"):
+            segment(path, tmp_path / "b.zarr", **kw)
+    finally:
+        monkeypatch.undo()
+    assert bw.lv.down_task is real
+    again = segment(path, tmp_path / "b.zarr", **kw)
+    for t in THRESHOLDS:
+        assert np.array_equal(whole[t], again[t]), t
+
+
 def test_killed_level_resumes_to_the_same_result(synthetic, tmp_path, monkeypatch):  # noqa: F811
     _, path, _ = synthetic
     whole = segment(path, tmp_path / "a.zarr", hierarchy=[2, 2, 2], stitch_threshold=0.5)

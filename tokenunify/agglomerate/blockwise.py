@@ -199,11 +199,16 @@ def _edges_task(aff_path, scale, out, work, idx, box, tile, offsets, hist_bins, 
     mark_done(work, "edges", idx)
 
 
-def _level_task(work, level, node, grids, fanout, frag_blocks, scoring, max_threshold,
+def _level_task(work, level, node, grids, fanout, frag_blocks, scoring, thresholds,
                 stitch_threshold):
-    lv.node_task(work, level, node, grids, fanout, frag_blocks, scoring, max_threshold,
+    lv.node_task(work, level, node, grids, fanout, frag_blocks, scoring, thresholds,
                  stitch_threshold)
     mark_done(work, f"level{level}", node)
+
+
+def _down_task(work, level, node, grids, fanout, thresholds):
+    lv.down_task(work, level, node, grids, fanout, thresholds)
+    mark_done(work, f"down{level}", node)
 
 
 LUT_CHUNK = 1 << 20  # fragment ids per chunk of the on-disk lookup tables
@@ -224,11 +229,19 @@ def _write_luts(work: Path, history: MergeHistory, thresholds) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _relabel_task(out, work, idx, box, tile, offsets, names, tile_z=1):
+def _relabel_task(out, work, idx, box, tile, offsets, names, tile_z=1, levels=None,
+                  thresholds=None):
+    """Segment ids of one block: from the flat merge's lookup tables, or with ``levels`` (the
+    hierarchy's level count) from the block's leaf and what its parent resolved."""
     frag = _global_fragments(out, offsets, box, tile, tile_z=tile_z)
     ids, inverse = np.unique(frag, return_inverse=True)
-    luts = zarr.open_group(str(Path(work) / "luts.zarr"), mode="r")["luts"]
-    table = luts.get_orthogonal_selection((slice(None), ids.astype(np.int64)))  # (T, ids)
+    if levels is None:
+        luts = zarr.open_group(str(Path(work) / "luts.zarr"), mode="r")["luts"]
+        table = luts.get_orthogonal_selection((slice(None), ids.astype(np.int64)))  # (T, ids)
+    else:
+        nz = ids != 0
+        table = np.zeros((len(names), len(ids)), np.uint64)
+        table[:, nz] = lv.leaf_ids(work, idx, ids[nz].astype(np.int64), levels, thresholds)
     root = zarr.open_group(out, mode="r+")
     for k, name in enumerate(names):
         writable(root[name])[box] = table[k][inverse].reshape(frag.shape)
@@ -323,20 +336,31 @@ class _Blockwise:
                                                    bins, self.cfg.tile_depth)
                   for i, b in self._todo("edges", subset)], "edges")
 
-    def merge(self) -> MergeHistory:
-        """The global merge, once: its lookup tables go to ``.work/luts.zarr`` for the relabel
-        batches, then the history to ``.work/history.npz`` (which marks the merge done) for the
-        final job."""
+    def merged(self) -> bool:
+        """Whether the merge is done (its lookup tables, or the hierarchy's segment ids going
+        down, are on disk)."""
+        return (self.work / ("down.done" if self.cfg.hierarchy is not None
+                             else "history.npz")).exists()
+
+    def merge(self) -> MergeHistory | None:
+        """The merge, once. Flat: one global merge in this process; its lookup tables go to
+        ``.work/luts.zarr`` for the relabel batches, then the history to
+        ``.work/history.npz`` (which marks the merge done) for the final job, which is
+        returned. Hierarchy: every level up, then the segment ids down (``.work/down.done``
+        marks it); returns None (the history stays in the nodes' files)."""
+        if self.cfg.hierarchy is not None:
+            if not self.merged():
+                self.level(len(self.level_nodes()) - 1)
+                self._down()
+                (self.work / "down.done").touch()
+            return None
         saved = self.work / "history.npz"
         if saved.exists():
             with np.load(saved) as h:
                 return MergeHistory(h["u"], h["v"], h["level"], int(h["n"]), h["pre"])
         offsets, n_frag = self.offsets()
         self.edges(self.grid)
-        if self.cfg.hierarchy is not None:
-            history = self._levels(offsets, n_frag)
-        else:
-            history = self._global_merge(n_frag)
+        history = self._global_merge(n_frag)
         _write_luts(self.work, history, self.cfg.thresholds)
         tmp = self.work / f"history.{os.getpid()}.tmp.npz"
         np.savez(tmp, u=history.u, v=history.v, level=history.level, n=history.n_fragments,
@@ -391,30 +415,40 @@ class _Blockwise:
         todo = [n for n in subset if not marker_path(self.work, f"level{level}", n).exists()]
         self._run([delayed(_level_task, pure=False)(str(self.work), level, n, grids,
                                                    c.hierarchy, frag_blocks, self.scoring,
-                                                   max(c.thresholds), c.stitch_threshold)
+                                                   c.thresholds, c.stitch_threshold)
                    for n in todo], f"merge level {level}")
 
-    def _levels(self, offsets, n_frag: int) -> MergeHistory:
-        """The hierarchical merge: every level (what is not done yet), then the history."""
-        nodes = self.level_nodes()
-        self.level(len(nodes) - 1)
-        grids = [tuple(max(n[k] for n in ns) + 1 for k in range(3)) for ns in nodes]
-        history = lv.collect(self.work, grids, n_frag)
-        log.info("hierarchical merge: %d levels, %d merges", len(grids), len(history.u))
-        return history
+    def _grids(self) -> list[tuple[int, int, int]]:
+        return [tuple(max(n[k] for n in ns) + 1 for k in range(3)) for ns in self.level_nodes()]
+
+    def _down(self) -> None:
+        """The segment ids going down the hierarchy: one task per node of each level from the
+        root to level 1 (:func:`tokenunify.agglomerate.levels.down_task`), skipping nodes with
+        a done marker; the leaves' ids are resolved by the relabel tasks."""
+        from dask import delayed
+
+        c, nodes, grids = self.cfg, self.level_nodes(), self._grids()
+        for level in range(len(nodes) - 1, 0, -1):
+            todo = [n for n in nodes[level]
+                    if not marker_path(self.work, f"down{level}", n).exists()]
+            self._run([delayed(_down_task, pure=False)(str(self.work), level, n, grids,
+                                                      c.hierarchy, c.thresholds)
+                       for n in todo], f"segment ids down level {level}")
 
     def relabel(self, subset) -> None:
         """Segment ids of the blocks of ``subset``: each task reads the lookup-table entries of
         its own fragment ids only (the merge history is not loaded)."""
         from dask import delayed
 
-        if not (self.work / "history.npz").exists():
+        if not self.merged():
             self.merge()
         offsets, _ = self.offsets()
         names = [threshold_name(t) for t in self.cfg.thresholds]
+        levels = len(self.level_nodes()) if self.cfg.hierarchy is not None else None
         self._run([delayed(_relabel_task, pure=False)(self.out, str(self.work), i, b,
                                                      self.cfg.tile, offsets, names,
-                                                     self.cfg.tile_depth)
+                                                     self.cfg.tile_depth, levels,
+                                                     self.cfg.thresholds)
                   for i, b in self._todo("relabel", subset)], "relabel")
 
 
@@ -476,17 +510,22 @@ def run(affinities: str | Path, out: str | Path, cfg: AgglomerateConfig | None =
                 return stage.path
             bw.relabel(grid)
             history = bw.merge()  # done: read back for the output's merge graph
-        del root["fragments_local"]
-        g = root.require_group("graph")
-        for k in ("u", "v", "level", "pre"):
-            data = getattr(history, k)
-            if k in g:
-                del g[k]
-            create_array(g, k, shape=data.shape, dtype=data.dtype,
-                         chunks=(max(1, len(data)),))[:] = data
+            del root["fragments_local"]
+            g = root.require_group("graph")
+            if history is None:  # the hierarchy: node by node
+                n_frag = bw.offsets()[1]
+                lv.write_graph(g, stage.path / ".work", bw._grids(), n_frag)
+            else:
+                n_frag = history.n_fragments
+                for k in ("u", "v", "level", "pre"):
+                    data = getattr(history, k)
+                    if k in g:
+                        del g[k]
+                    create_array(g, k, shape=data.shape, dtype=data.dtype,
+                                 chunks=(max(1, len(data)),))[:] = data
         g.attrs.update({"description": "merge history: fragment u absorbed v at level (score); "
                                        "pre: fragment -> stitched representative (applied first)",
-                        "n_fragments": history.n_fragments})
+                        "n_fragments": n_frag})
     root.attrs.update({"thresholds": list(cfg.thresholds), "arrays": names,
                        "scoring": cfg.scoring, "method": cfg.method,
                        "fragments": cfg.fragments, "tile": cfg.tile, "tile_z": cfg.tile_depth,

@@ -30,8 +30,12 @@ u < v), ``k0, k1`` (the key: the smallest contracted fragment pair among the edg
 ``score``, ``stale``, and ``count, sum`` (mean scoring) or a histogram table
 ``NAME.hist.parquet`` (``k0, k1, bin, n``); ``NAME.raw.parquet``: raw edges (``u, v`` original
 fragments, ``count, sum, max, cut_count, cut_sum``; ``NAME.rawhist.parquet`` with per-sample
-histograms); ``NAME.groups.parquet``: (``fragment, rep``); ``NAME.merges.npz``: the merges and
-the completed groups.
+histograms); ``NAME.groups.parquet``: (``fragment, rep``); ``NAME.merges.npz``: the merges, the
+completed groups, the exported ids and their smallest fragment ids per threshold.
+
+Segment ids then go down (:func:`down_task`, one per node of level >= 1 from the root, writing
+``down/CHILD.npz``; the leaves are resolved by the relabel tasks, :func:`leaf_ids`), so that no
+process holds a table of every fragment (``lookup.py``).
 """
 
 from __future__ import annotations
@@ -44,7 +48,8 @@ import numpy as np
 import pandas as pd
 
 from tokenunify.agglomerate.graph import stitch_pairs
-from tokenunify.agglomerate.merge import MergeHistory, NodeGraph, merge_node
+from tokenunify.agglomerate.lookup import NodeJoins, exported_mins, resolve
+from tokenunify.agglomerate.merge import NodeGraph, merge_node
 from tokenunify.agglomerate.scoring import Scoring, discretize
 
 log = logging.getLogger(__name__)
@@ -312,9 +317,10 @@ def _read(base: Path, suffix: str) -> pd.DataFrame:
 
 
 def node_task(work: str, level: int, node, grids, fanout, frag_blocks: FragmentBlocks,
-              scoring: Scoring, max_threshold: float, stitch_threshold: float | None = None
-              ) -> None:
-    """Merge one node of one level (see the module docstring) and mark it done."""
+              scoring: Scoring, thresholds, stitch_threshold: float | None = None) -> None:
+    """Merge one node of one level up to the largest of ``thresholds`` (see the module
+    docstring); the caller marks it done."""
+    thresholds = tuple(float(t) for t in thresholds)
     work = Path(work)
     out = work / "levels"
     node = tuple(int(i) for i in node)
@@ -365,6 +371,13 @@ def node_task(work: str, level: int, node, grids, fanout, frag_blocks: FragmentB
         raw_hist = (pd.concat(parts[".rawhist"], ignore_index=True).drop_duplicates(
             ["u", "v", "bin"]) if parts[".rawhist"] else None)
         groups = pd.concat(parts[".groups"], ignore_index=True)
+        child = [_exports(out / _name(level - 1, k)) for k in kids]
+        child_ids = np.concatenate([c[0] for c in child])
+        order = np.argsort(child_ids, kind="stable")
+        child_ids = child_ids[order]
+        child_mins = np.concatenate([c[1] for c in child], axis=1)[:, order]
+    if level == 0:
+        child_ids, child_mins = np.zeros(0, np.int64), np.zeros((len(thresholds), 0), np.int64)
     # stitching: a raw edge becomes a graph edge here when both ends are inside and their
     # groups complete; the others go up raw, and their ends (groups) are frozen
     ru, rv = raw["u"].to_numpy(np.int64), raw["v"].to_numpy(np.int64)
@@ -392,7 +405,7 @@ def node_task(work: str, level: int, node, grids, fanout, frag_blocks: FragmentB
         h = pd.concat([x for x in (state_h, h) if x is not None], ignore_index=True) \
             if h is not None or state_h is not None else None
     frozen = set(rep_u[~ready].tolist()) | set(rep_v[~ready].tolist())
-    merges, rdf, rh = merge_frames(df, h, frozen, scoring, max_threshold)
+    merges, rdf, rh = merge_frames(df, h, frozen, scoring, max(thresholds))
     # groups the parent needs: every member of an open group, and the members that carried
     # edges name; groups completed here go into the history's stitched representatives
     big = np.zeros(len(ids), bool)
@@ -413,28 +426,120 @@ def node_task(work: str, level: int, node, grids, fanout, frag_blocks: FragmentB
     carry.to_parquet(str(base) + ".raw.parquet")
     pd.DataFrame({"fragment": ids[keep_g], "rep": rep[keep_g]}).to_parquet(
         str(base) + ".groups.parquet")
-    np.savez(str(base) + ".merges.npz", u=np.asarray([m[0] for m in merges], np.uint64),
-             v=np.asarray([m[1] for m in merges], np.uint64),
-             level=np.asarray([m[2] for m in merges], np.float64),
-             pre_fragment=ids[done_g].astype(np.uint64), pre_rep=rep[done_g].astype(np.uint64))
+    # the ids that go up (segments and open groups' fragments), with their smallest fragment
+    # ids per threshold, for the segment ids going down (lookup.py)
+    inside_ends = np.concatenate([rep_u[~ready & in_u], rep_v[~ready & in_v]])
+    exported = np.unique(np.concatenate([rdf["u"].to_numpy(np.int64), rdf["v"].to_numpy(np.int64),
+                                         inside_ends, ids[~complete]]))
+    joins = NodeJoins(np.asarray([m[0] for m in merges], np.int64),
+                      np.asarray([m[1] for m in merges], np.int64),
+                      np.asarray([m[2] for m in merges], np.float64),
+                      ids[done_g], rep[done_g], exported)
+    np.savez(str(base) + ".merges.npz", u=joins.u.astype(np.uint64), v=joins.v.astype(np.uint64),
+             level=joins.level, pre_fragment=joins.pre_fragment.astype(np.uint64),
+             pre_rep=joins.pre_rep.astype(np.uint64), exported=exported,
+             mins=exported_mins(joins, thresholds, child_ids, child_mins))
     rdf.to_parquet(str(base) + ".parquet")  # written last: its presence means done
     log.debug("level %d node %s: %d edges, %d carried up raw, %d merges, %d residual", level,
               node, len(df), len(carry), len(merges), len(rdf))
 
 
-def collect(work: Path, grids, n_fragments: int) -> MergeHistory:
-    """All nodes' merges as one history (order does not matter to the lookup tables), with the
-    stitched representative of every fragment (``pre``) from the nodes that completed its
-    group."""
-    us, vs, ls = [], [], []
-    pre = np.arange(n_fragments + 1, dtype=np.uint64)
-    for level, grid in enumerate(grids):
-        for node in itertools.product(*(range(g) for g in grid)):
-            with np.load(work / "levels" / (_name(level, node) + ".merges.npz")) as f:
-                us.append(f["u"])
-                vs.append(f["v"])
-                ls.append(f["level"])
-                pre[f["pre_fragment"].astype(np.int64)] = f["pre_rep"]
-    cat = (lambda x, t: np.concatenate(x).astype(t) if x else np.zeros(0, t))  # noqa: E731
-    return MergeHistory(cat(us, np.uint64), cat(vs, np.uint64), cat(ls, np.float64),
-                        n_fragments, pre)
+def _exports(base: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A node's exported ids and their smallest fragment ids (T, n)."""
+    with np.load(Path(f"{base}.merges.npz")) as f:
+        return f["exported"].astype(np.int64), f["mins"].astype(np.int64)
+
+
+def _joins(base: Path) -> NodeJoins:
+    with np.load(Path(f"{base}.merges.npz")) as f:
+        return NodeJoins(f["u"].astype(np.int64), f["v"].astype(np.int64), f["level"],
+                         f["pre_fragment"].astype(np.int64), f["pre_rep"].astype(np.int64),
+                         f["exported"].astype(np.int64))
+
+
+def _parent_answer(work: Path, level: int, node, n_levels: int, thresholds):
+    """What the parent resolved for this node's exported ids: (ids, final (T, n)); empty at
+    the root."""
+    if level == n_levels - 1:
+        return np.zeros(0, np.int64), np.zeros((len(thresholds), 0), np.uint64)
+    path = work / "down" / f"{_name(level, node)}.npz"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: the segment ids of level {level} node {list(node)} "
+                                f"are missing (rerun the level above)")
+    with np.load(path) as f:
+        return f["ids"].astype(np.int64), f["final"]
+
+
+def down_task(work: str, level: int, node, grids, fanout, thresholds) -> None:
+    """Resolve the segment ids of the exported ids of every child of one node (level >= 1),
+    from the node's joins and its parent's answer, into ``down/CHILD.npz``."""
+    work = Path(work)
+    node = tuple(int(i) for i in node)
+    thresholds = tuple(float(t) for t in thresholds)
+    joins = _joins(work / "levels" / _name(level, node))
+    parent_ids, parent_final = _parent_answer(work, level, node, len(grids), thresholds)
+    kids = [tuple(n * int(f) + i for n, f, i in zip(node, fanout, off, strict=True))
+            for off in itertools.product(*(range(int(f)) for f in fanout))]
+    kids = [k for k in kids if all(a < g for a, g in zip(k, grids[level - 1], strict=True))]
+    exports = {k: _exports(work / "levels" / _name(level - 1, k)) for k in kids}
+    child_ids = np.concatenate([e[0] for e in exports.values()])
+    order = np.argsort(child_ids, kind="stable")
+    child_mins = np.concatenate([e[1] for e in exports.values()], axis=1)[:, order]
+    child_ids = child_ids[order]
+    (work / "down").mkdir(exist_ok=True)
+    for k, (ids, _) in exports.items():
+        final = resolve(joins, thresholds, ids, child_ids, child_mins, parent_ids, parent_final)
+        path = work / "down" / f"{_name(level - 1, k)}.npz"
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, ids=ids, final=final)
+        tmp.replace(path)
+
+
+def leaf_ids(work: str, block, fragments: np.ndarray, n_levels: int, thresholds) -> np.ndarray:
+    """(T, len(fragments)) uint64: the segment ids of a block's fragments (sorted, unique), from
+    its leaf's joins and the answer its parent resolved."""
+    work = Path(work)
+    node = tuple(int(i) for i in block)
+    parent_ids, parent_final = _parent_answer(work, 0, node, n_levels, thresholds)
+    none = np.zeros(0, np.int64)
+    return resolve(_joins(work / "levels" / _name(0, node)), thresholds, fragments, none,
+                   np.zeros((len(thresholds), 0), np.int64), parent_ids, parent_final)
+
+
+GRAPH_CHUNK = 1 << 20  # rows per chunk of the output's merge graph
+
+
+def write_graph(group, work: Path, grids, n_fragments: int) -> int:
+    """Every node's merges into ``group`` (arrays u, v, level and pre, as the flat merge's
+    history; merges in node order, which the lookup tables do not depend on), node by node, so
+    that the whole history is never in memory. Returns the number of merges."""
+    from tokenunify.io.zarrio import create_array
+
+    names = [_name(level, node) for level, grid in enumerate(grids)
+             for node in itertools.product(*(range(g) for g in grid))]
+    sizes = []
+    for name in names:
+        with np.load(work / "levels" / f"{name}.merges.npz") as f:
+            sizes.append(len(f["u"]))
+    m, n = int(sum(sizes)), n_fragments + 1
+    arrays = {}
+    for key, length, dtype in (("u", m, np.uint64), ("v", m, np.uint64),
+                               ("level", m, np.float64), ("pre", n, np.uint64)):
+        if key in group:
+            del group[key]
+        arrays[key] = create_array(group, key, shape=(length,), dtype=dtype,
+                                   chunks=(max(1, min(length, GRAPH_CHUNK)),))
+    for a in range(0, n, GRAPH_CHUNK):
+        arrays["pre"][a:min(n, a + GRAPH_CHUNK)] = np.arange(a, min(n, a + GRAPH_CHUNK),
+                                                             dtype=np.uint64)
+    at = 0
+    for name, size in zip(names, sizes, strict=True):
+        with np.load(work / "levels" / f"{name}.merges.npz") as f:
+            for key in ("u", "v", "level"):
+                arrays[key][at:at + size] = f[key]
+            if len(f["pre_fragment"]):
+                order = np.argsort(f["pre_fragment"])
+                arrays["pre"].set_orthogonal_selection(
+                    (f["pre_fragment"][order].astype(np.int64),), f["pre_rep"][order])
+        at += size
+    return m
