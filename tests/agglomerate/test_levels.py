@@ -10,7 +10,7 @@ import zarr
 
 from tests.agglomerate.test_agglomerate import MEAN, THRESHOLDS, synthetic  # noqa: F401
 from tests.conftest import NEUROPROOF, need
-from tokenunify.agglomerate import AgglomerateConfig, run, threshold_name
+from tokenunify.agglomerate import AgglomerateConfig, down, run, threshold_name
 from tokenunify.agglomerate import levels as lv
 from tokenunify.agglomerate.scoring import DEFAULT
 
@@ -100,7 +100,7 @@ def test_hierarchy_output_graph_gives_its_segmentation(synthetic, tmp_path):  # 
     for t in THRESHOLDS:
         assert np.array_equal(history.lut(t)[frag], whole[t]), t
 
-    real, calls = lv.down_task, []
+    real, calls = down.down_task, []
 
     def dying(work, level, node, *a, **k):
         if calls:
@@ -111,13 +111,13 @@ def test_hierarchy_output_graph_gives_its_segmentation(synthetic, tmp_path):  # 
     import tokenunify.agglomerate.blockwise as bw
 
     monkeypatch = pytest.MonkeyPatch()
-    monkeypatch.setattr(lv, "down_task", dying)
+    monkeypatch.setattr(down, "down_task", dying)
     try:
         with pytest.raises(RuntimeError, match="killed"):
             segment(path, tmp_path / "b.zarr", **kw)
     finally:
         monkeypatch.undo()
-    assert bw.lv.down_task is real
+    assert bw.down.down_task is real
     again = segment(path, tmp_path / "b.zarr", **kw)
     for t in THRESHOLDS:
         assert np.array_equal(whole[t], again[t]), t

@@ -38,6 +38,7 @@ import pandas as pd
 import zarr
 
 from tokenunify.affinities import OFFSETS
+from tokenunify.agglomerate import down
 from tokenunify.agglomerate import fragments as fr
 from tokenunify.agglomerate import levels as lv
 from tokenunify.agglomerate.graph import block_edges, reduce_edges, reduce_histograms, stitch
@@ -207,7 +208,7 @@ def _level_task(work, level, node, grids, fanout, frag_blocks, scoring, threshol
 
 
 def _down_task(work, level, node, grids, fanout, thresholds):
-    lv.down_task(work, level, node, grids, fanout, thresholds)
+    down.down_task(work, level, node, grids, fanout, thresholds)
     mark_done(work, f"down{level}", node)
 
 
@@ -241,7 +242,7 @@ def _relabel_task(out, work, idx, box, tile, offsets, names, tile_z=1, levels=No
     else:
         nz = ids != 0
         table = np.zeros((len(names), len(ids)), np.uint64)
-        table[:, nz] = lv.leaf_ids(work, idx, ids[nz].astype(np.int64), levels, thresholds)
+        table[:, nz] = down.leaf_ids(work, idx, ids[nz].astype(np.int64), levels, thresholds)
     root = zarr.open_group(out, mode="r+")
     for k, name in enumerate(names):
         writable(root[name])[box] = table[k][inverse].reshape(frag.shape)
@@ -514,7 +515,7 @@ def run(affinities: str | Path, out: str | Path, cfg: AgglomerateConfig | None =
             g = root.require_group("graph")
             if history is None:  # the hierarchy: node by node
                 n_frag = bw.offsets()[1]
-                lv.write_graph(g, stage.path / ".work", bw._grids(), n_frag)
+                down.write_graph(g, stage.path / ".work", bw._grids(), n_frag)
             else:
                 n_frag = history.n_fragments
                 for k in ("u", "v", "level", "pre"):

@@ -48,7 +48,7 @@ import numpy as np
 import pandas as pd
 
 from tokenunify.agglomerate.graph import stitch_pairs
-from tokenunify.agglomerate.lookup import NodeJoins, exported_mins, resolve
+from tokenunify.agglomerate.lookup import NodeJoins, exported_mins
 from tokenunify.agglomerate.merge import NodeGraph, merge_node
 from tokenunify.agglomerate.scoring import Scoring, discretize
 
@@ -96,7 +96,14 @@ class FragmentBlocks:
         return coords // self.per_block
 
 
-def _name(level: int, node) -> str:
+def children(node, fanout, grid_below) -> list[tuple[int, ...]]:
+    """The child nodes of ``node`` in the level below (node grid ``grid_below``), raster order."""
+    kids = [tuple(n * int(f) + i for n, f, i in zip(node, fanout, off, strict=True))
+            for off in itertools.product(*(range(int(f)) for f in fanout))]
+    return [k for k in kids if all(a < g for a, g in zip(k, grid_below, strict=True))]
+
+
+def node_name(level: int, node) -> str:
     return f"{level}_" + "_".join(str(int(i)) for i in node)
 
 
@@ -353,12 +360,10 @@ def node_task(work: str, level: int, node, grids, fanout, frag_blocks: FragmentB
             raw_hist = raw_hist.groupby(["u", "v", "bin"], as_index=False)["n"].sum()
         groups = pd.DataFrame({"fragment": np.zeros(0, np.int64), "rep": np.zeros(0, np.int64)})
     else:
-        kids = [tuple(n * int(f) + i for n, f, i in zip(node, fanout, off, strict=True))
-                for off in itertools.product(*(range(int(f)) for f in fanout))]
-        kids = [k for k in kids if all(a < g for a, g in zip(k, grids[level - 1], strict=True))]
+        kids = children(node, fanout, grids[level - 1])
         parts: dict[str, list] = {"": [], ".hist": [], ".raw": [], ".rawhist": [], ".groups": []}
         for k in kids:
-            base = out / _name(level - 1, k)
+            base = out / node_name(level - 1, k)
             for suffix, frames in parts.items():
                 if suffix == ".hist" and scoring.kind == "mean" or \
                         suffix == ".rawhist" and not scoring.needs_histogram:
@@ -371,7 +376,7 @@ def node_task(work: str, level: int, node, grids, fanout, frag_blocks: FragmentB
         raw_hist = (pd.concat(parts[".rawhist"], ignore_index=True).drop_duplicates(
             ["u", "v", "bin"]) if parts[".rawhist"] else None)
         groups = pd.concat(parts[".groups"], ignore_index=True)
-        child = [_exports(out / _name(level - 1, k)) for k in kids]
+        child = [exports(out / node_name(level - 1, k)) for k in kids]
         child_ids = np.concatenate([c[0] for c in child])
         order = np.argsort(child_ids, kind="stable")
         child_ids = child_ids[order]
@@ -415,7 +420,7 @@ def node_task(work: str, level: int, node, grids, fanout, frag_blocks: FragmentB
     named = np.union1d(carry["u"].to_numpy(np.int64), carry["v"].to_numpy(np.int64))
     keep_g = big & (~complete | np.isin(ids, named))
     done_g = big & complete
-    base = out / _name(level, node)
+    base = out / node_name(level, node)
     out.mkdir(parents=True, exist_ok=True)
     if scoring.kind != "mean":
         (rh if rh is not None else pd.DataFrame(columns=["k0", "k1", "bin", "n"])).to_parquet(
@@ -444,102 +449,7 @@ def node_task(work: str, level: int, node, grids, fanout, frag_blocks: FragmentB
               node, len(df), len(carry), len(merges), len(rdf))
 
 
-def _exports(base: Path) -> tuple[np.ndarray, np.ndarray]:
+def exports(base: Path) -> tuple[np.ndarray, np.ndarray]:
     """A node's exported ids and their smallest fragment ids (T, n)."""
     with np.load(Path(f"{base}.merges.npz")) as f:
         return f["exported"].astype(np.int64), f["mins"].astype(np.int64)
-
-
-def _joins(base: Path) -> NodeJoins:
-    with np.load(Path(f"{base}.merges.npz")) as f:
-        return NodeJoins(f["u"].astype(np.int64), f["v"].astype(np.int64), f["level"],
-                         f["pre_fragment"].astype(np.int64), f["pre_rep"].astype(np.int64),
-                         f["exported"].astype(np.int64))
-
-
-def _parent_answer(work: Path, level: int, node, n_levels: int, thresholds):
-    """What the parent resolved for this node's exported ids: (ids, final (T, n)); empty at
-    the root."""
-    if level == n_levels - 1:
-        return np.zeros(0, np.int64), np.zeros((len(thresholds), 0), np.uint64)
-    path = work / "down" / f"{_name(level, node)}.npz"
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: the segment ids of level {level} node {list(node)} "
-                                f"are missing (rerun the level above)")
-    with np.load(path) as f:
-        return f["ids"].astype(np.int64), f["final"]
-
-
-def down_task(work: str, level: int, node, grids, fanout, thresholds) -> None:
-    """Resolve the segment ids of the exported ids of every child of one node (level >= 1),
-    from the node's joins and its parent's answer, into ``down/CHILD.npz``."""
-    work = Path(work)
-    node = tuple(int(i) for i in node)
-    thresholds = tuple(float(t) for t in thresholds)
-    joins = _joins(work / "levels" / _name(level, node))
-    parent_ids, parent_final = _parent_answer(work, level, node, len(grids), thresholds)
-    kids = [tuple(n * int(f) + i for n, f, i in zip(node, fanout, off, strict=True))
-            for off in itertools.product(*(range(int(f)) for f in fanout))]
-    kids = [k for k in kids if all(a < g for a, g in zip(k, grids[level - 1], strict=True))]
-    exports = {k: _exports(work / "levels" / _name(level - 1, k)) for k in kids}
-    child_ids = np.concatenate([e[0] for e in exports.values()])
-    order = np.argsort(child_ids, kind="stable")
-    child_mins = np.concatenate([e[1] for e in exports.values()], axis=1)[:, order]
-    child_ids = child_ids[order]
-    (work / "down").mkdir(exist_ok=True)
-    for k, (ids, _) in exports.items():
-        final = resolve(joins, thresholds, ids, child_ids, child_mins, parent_ids, parent_final)
-        path = work / "down" / f"{_name(level - 1, k)}.npz"
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, ids=ids, final=final)
-        tmp.replace(path)
-
-
-def leaf_ids(work: str, block, fragments: np.ndarray, n_levels: int, thresholds) -> np.ndarray:
-    """(T, len(fragments)) uint64: the segment ids of a block's fragments (sorted, unique), from
-    its leaf's joins and the answer its parent resolved."""
-    work = Path(work)
-    node = tuple(int(i) for i in block)
-    parent_ids, parent_final = _parent_answer(work, 0, node, n_levels, thresholds)
-    none = np.zeros(0, np.int64)
-    return resolve(_joins(work / "levels" / _name(0, node)), thresholds, fragments, none,
-                   np.zeros((len(thresholds), 0), np.int64), parent_ids, parent_final)
-
-
-GRAPH_CHUNK = 1 << 20  # rows per chunk of the output's merge graph
-
-
-def write_graph(group, work: Path, grids, n_fragments: int) -> int:
-    """Every node's merges into ``group`` (arrays u, v, level and pre, as the flat merge's
-    history; merges in node order, which the lookup tables do not depend on), node by node, so
-    that the whole history is never in memory. Returns the number of merges."""
-    from tokenunify.io.zarrio import create_array
-
-    names = [_name(level, node) for level, grid in enumerate(grids)
-             for node in itertools.product(*(range(g) for g in grid))]
-    sizes = []
-    for name in names:
-        with np.load(work / "levels" / f"{name}.merges.npz") as f:
-            sizes.append(len(f["u"]))
-    m, n = int(sum(sizes)), n_fragments + 1
-    arrays = {}
-    for key, length, dtype in (("u", m, np.uint64), ("v", m, np.uint64),
-                               ("level", m, np.float64), ("pre", n, np.uint64)):
-        if key in group:
-            del group[key]
-        arrays[key] = create_array(group, key, shape=(length,), dtype=dtype,
-                                   chunks=(max(1, min(length, GRAPH_CHUNK)),))
-    for a in range(0, n, GRAPH_CHUNK):
-        arrays["pre"][a:min(n, a + GRAPH_CHUNK)] = np.arange(a, min(n, a + GRAPH_CHUNK),
-                                                             dtype=np.uint64)
-    at = 0
-    for name, size in zip(names, sizes, strict=True):
-        with np.load(work / "levels" / f"{name}.merges.npz") as f:
-            for key in ("u", "v", "level"):
-                arrays[key][at:at + size] = f[key]
-            if len(f["pre_fragment"]):
-                order = np.argsort(f["pre_fragment"])
-                arrays["pre"].set_orthogonal_selection(
-                    (f["pre_fragment"][order].astype(np.int64),), f["pre_rep"][order])
-        at += size
-    return m
