@@ -9,7 +9,10 @@ run:
    default block size and two others; and the redundancy: window forwards done by the run
    over the windows of the grid (1.0 = no window predicted twice);
 2. memory: peak RSS of the whole run (one process: the local Dask cluster runs threads) at the
-   volume and at 8x the volume (2x per axis), the same block size and blocks in flight;
+   volume and at 8x the volume (2x per axis), the same block size and blocks in flight: blocks
+   of half the default per axis, so that the smaller volume has 8 blocks and both runs keep
+   ``threads_per_worker`` blocks in flight (with the default block the smaller volume is one
+   block, and the comparison would be 1 block in flight against 2);
 3. workers: 2 Dask workers against 1 on the same volume (wall-time ratio);
 4. throughput: finished voxels per second for ``tiny`` and (``--base``) ``base``, against the
    floor set by the network's forward FLOPs per window (torch's FlopCounterMode) at the
@@ -18,6 +21,7 @@ run:
 Absolute times on shared machines are noise; the ratios are measured side by side.
 
     .venv/bin/python benchmarks/bench_infer.py [--shape 32 256 256] [--base]
+    .venv/bin/python benchmarks/bench_infer.py --parts rss     # one part only
 """
 
 from __future__ import annotations
@@ -160,10 +164,15 @@ def window_flops(checkpoint: Path, cfg: InferConfig) -> float:
     return float(counter.get_total_flops())
 
 
+PARTS = ["overhead", "rss", "workers", "throughput"]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", type=int, nargs=3, default=(32, 256, 256))
     ap.add_argument("--base", action="store_true", help="also the base model's throughput")
+    ap.add_argument("--parts", nargs="+", default=PARTS, choices=PARTS,
+                    help="which measurements (default: all)")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench_infer_"))
     shape = tuple(args.shape)
@@ -171,6 +180,9 @@ def main() -> int:
     vol = make_volume(tmp / "vol.zarr", shape)
     tiny = make_checkpoint(tmp / "tiny.pt", "tiny")
     cfg = dataclasses.replace(default, workers=1)
+    b0 = cfg.block
+    if "overhead" not in args.parts:
+        return rest(args, tmp, shape, vol, tiny, cfg, None)
     bare = run_in_child(vol, tiny, cfg, tmp / "unused", "bare_forward")
     bare_s, n_windows = bare["s"], bare["windows"]
     print(f"volume {list(shape)}, window {list(cfg.window)}, overlap {list(cfg.overlap)}: "
@@ -178,21 +190,38 @@ def main() -> int:
 
     print("\n| block | run s | overhead (run / bare) | window forwards | redundancy |")
     print("|---|---|---|---|---|")
-    b0 = cfg.block
+    runs = []
     for block in (b0, (b0[0], b0[1] // 2, b0[2] // 2), (b0[0] // 2, b0[1] // 2, b0[2] // 2)):
         c = dataclasses.replace(cfg, block=tuple(int(b) for b in block))
         r = run_in_child(vol, tiny, c, tmp / f"aff_{'_'.join(map(str, block))}.zarr")
+        runs.append(r)
         print(f"| {list(block)} | {r['s']:.1f} | {r['s'] / bare_s:.2f} | {r['forwards']} | "
               f"{r['forwards'] / n_windows:.2f} |", flush=True)
+    return rest(args, tmp, shape, vol, tiny, cfg, runs[0])
 
-    big = tuple(2 * n for n in shape)
-    vol8 = make_volume(tmp / "vol8.zarr", big)
-    small_r = run_in_child(vol, tiny, cfg, tmp / "rss_1.zarr")
-    big_r = run_in_child(vol8, tiny, cfg, tmp / "rss_8.zarr")
-    print(f"\npeak RSS, whole run: {small_r['rss_mb']:.0f} MB at {list(shape)}, "
-          f"{big_r['rss_mb']:.0f} MB at {list(big)} (8x the voxels): "
-          f"{100 * (big_r['rss_mb'] / small_r['rss_mb'] - 1):+.0f} %", flush=True)
 
+def rest(args, tmp: Path, shape, vol: Path, tiny: Path, cfg: InferConfig, timed) -> int:
+    """Parts 2-4 (``timed``: a run of ``cfg`` on ``vol`` from part 1, or None)."""
+    if "rss" in args.parts:
+        big = tuple(2 * n for n in shape)
+        vol8 = make_volume(tmp / "vol8.zarr", big)
+        half = dataclasses.replace(cfg, block=tuple(max(1, b // 2) for b in cfg.block))
+        small_r = run_in_child(vol, tiny, half, tmp / "rss_1.zarr")
+        big_r = run_in_child(vol8, tiny, half, tmp / "rss_8.zarr")
+        n_small = np.prod([-(-n // b) for n, b in zip(shape, half.block, strict=True)])
+        print(f"\npeak RSS, whole run, block {list(half.block)}, {half.threads_per_worker} "
+              f"blocks in flight: {small_r['rss_mb']:.0f} MB at {list(shape)} ({n_small} "
+              f"blocks), {big_r['rss_mb']:.0f} MB at {list(big)} ({8 * n_small} blocks, 8x "
+              f"the voxels): {100 * (big_r['rss_mb'] / small_r['rss_mb'] - 1):+.0f} %",
+              flush=True)
+    if "workers" in args.parts:
+        workers(tmp, vol, tiny, cfg)
+    if "throughput" in args.parts:
+        throughput(args, tmp, shape, vol, tiny, cfg, timed)
+    return 0
+
+
+def workers(tmp: Path, vol: Path, tiny: Path, cfg: InferConfig) -> None:
     two = run_in_child(vol, tiny, dataclasses.replace(cfg, workers=2, threads=1),
                        tmp / "w2.zarr")
     one = run_in_child(vol, tiny, dataclasses.replace(cfg, workers=1, threads=1),
@@ -200,11 +229,13 @@ def main() -> int:
     print(f"2 workers vs 1 (1 torch thread each): {one['s']:.1f} s / {two['s']:.1f} s = "
           f"{one['s'] / two['s']:.2f}x", flush=True)
 
+
+def throughput(args, tmp: Path, shape, vol: Path, tiny: Path, cfg: InferConfig, timed) -> None:
     rate = matmul_rate(cfg.threads)
     print(f"\nfloat32 matmul, {cfg.threads} threads: {rate / 1e9:.1f} GFLOP/s")
     print("| model | window GFLOP | floor Mvox/s | measured Mvox/s | measured / floor |")
     print("|---|---|---|---|---|")
-    models = [("tiny", tiny, small_r)]
+    models = [("tiny", tiny, timed or run_in_child(vol, tiny, cfg, tmp / "tiny.zarr"))]
     if args.base:
         base = make_checkpoint(tmp / "base.pt", "base")
         models.append(("base", base, run_in_child(vol, base, cfg, tmp / "base.zarr")))
@@ -215,7 +246,6 @@ def main() -> int:
         measured = np.prod(shape) / r["s"]
         print(f"| {name} | {flops / 1e9:.2f} | {floor / 1e6:.2f} | {measured / 1e6:.3f} | "
               f"{measured / floor:.3f} |", flush=True)
-    return 0
 
 
 if __name__ == "__main__":
