@@ -22,7 +22,7 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install --quiet -r requirements.txt
 	$(BIN)/python -m pip install --quiet --no-deps -e .
-	$(BIN)/python -m pip install --quiet "pytest>=8" "pytest-timeout>=2.3" "ruff>=0.6" "moto[server]>=5"
+	$(BIN)/python -m pip install --quiet "pytest>=8" "pytest-timeout>=2.3" "ruff>=0.6" "moto[server]>=5" "gcp-storage-emulator>=2024"
 	touch $(STAMP)
 
 demo: $(STAMP)

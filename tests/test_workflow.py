@@ -179,6 +179,49 @@ def test_results_in_an_s3_bucket_equal_the_local_ones(finished_run, tmp_path, mo
         server.stop()
 
 
+@pytest.mark.timeout(1800)
+def test_results_in_a_gcs_bucket_equal_the_local_ones(finished_run, tmp_path, monkeypatch):
+    """The same with Google Cloud Storage (gcp-storage-emulator on 127.0.0.1, reached through
+    STORAGE_EMULATOR_HOST by our fetch and by Snakemake's GCS storage plugin), experiment none:
+    the bucket's metrics.csv are those of the run on disk, and no staging folder or done marker
+    reaches the bucket."""
+    emulator = pytest.importorskip("gcp_storage_emulator.server",
+                                   reason="gcp-storage-emulator (dev extra) not installed")
+    pytest.importorskip("snakemake_storage_plugin_gcs", reason="GCS storage plugin not installed")
+    import socket
+
+    from google.cloud import storage
+
+    local, good = finished_run
+    cfg = yaml.safe_load(yaml.safe_dump(good))
+    cfg["experiments"] = {"none": cfg["experiments"]["none"]}
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = emulator.create_server("127.0.0.1", port, in_memory=True)
+    server.start()
+    try:
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
+        bucket = storage.Client().create_bucket("tokenunify-run")
+        bucket.blob("sources/vol.h5").upload_from_filename(str(TEST_DIR / "data" / "vol.h5"))
+        for part in ("raw", "labels"):
+            cfg["datasets"]["h5"][part]["source"] = "gs://tokenunify-run/sources/vol.h5"
+        write_config(tmp_path, cfg)
+        proc = snakemake(tmp_path, "--default-storage-provider", "gcs",
+                         "--default-storage-prefix", "gs://tokenunify-run/run")
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        keys = [b.name for b in storage.Client().list_blobs("tokenunify-run", prefix="run/")]
+        for ds in ("lab", "h5"):
+            key = f"run/results/none/{ds}/metrics.csv"
+            assert bucket.blob(key).download_as_bytes() == \
+                (local / "results" / "none" / ds / "metrics.csv").read_bytes(), key
+        assert "run/results/report/index.html" in keys
+        assert not [k for k in keys if ".partial/" in k or k.endswith(".done")]
+        assert not (tmp_path / "results").exists()
+    finally:
+        server.stop()
+
+
 def _bad_typo(cfg, wd):
     cfg["datasets"]["pre"]["rols"] = cfg["datasets"]["pre"].pop("roles")
     return "unknown key 'rols' (did you mean 'roles'?)"

@@ -11,7 +11,8 @@ Credentials come from each library's standard chain, never from the config or th
 for S3 ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` (``AWS_SESSION_TOKEN``),
 ``AWS_PROFILE`` and ``~/.aws/credentials``, or an instance role; ``AWS_ENDPOINT_URL`` points at
 another S3 service (MinIO, Ceph, a local test server); for GCS, Application Default
-Credentials (``GOOGLE_APPLICATION_CREDENTIALS``). Nothing here logs or stores a credential:
+Credentials (``GOOGLE_APPLICATION_CREDENTIALS``), and ``STORAGE_EMULATOR_HOST`` points at a GCS
+emulator (anonymous, as the client library does). Nothing here logs or stores a credential:
 messages name the URL only.
 """
 
@@ -27,6 +28,16 @@ from urllib.parse import urlparse
 log = logging.getLogger(__name__)
 
 SCHEMES = ("s3://", "gs://")
+GCS_RETRY_DEADLINE_S = 120.0  # how long a GCS call keeps retrying (an unreachable store, 5xx)
+
+
+def _gcs():
+    """(client, retry): a GCS client with Application Default Credentials, or anonymous
+    against ``STORAGE_EMULATOR_HOST`` (a local emulator), and the retry policy of every call."""
+    from google.cloud import storage
+    from google.cloud.storage.retry import DEFAULT_RETRY
+
+    return storage.Client(), DEFAULT_RETRY.with_deadline(GCS_RETRY_DEADLINE_S)
 
 
 def is_object_url(url: str) -> bool:
@@ -50,6 +61,13 @@ def _s3_client():
     return boto3.session.Session().client("s3")
 
 
+def _s3_code(exc: Exception) -> str | None:
+    """botocore's error code (its ``response`` is a dict); None for other libraries' errors
+    (google's carry an HTTP response object)."""
+    response = getattr(exc, "response", None)
+    return response.get("Error", {}).get("Code") if isinstance(response, dict) else None
+
+
 def _explain(url: str, exc: Exception) -> OSError:
     """An OSError naming ``url`` and what went wrong, without any credential."""
     name = type(exc).__name__
@@ -60,12 +78,12 @@ def _explain(url: str, exc: Exception) -> OSError:
                "login`")
         return OSError(f"{url}: no credentials found for the object store ({how})")
     if name in ("EndpointConnectionError", "ConnectTimeoutError", "ConnectionError",
-                "ReadTimeoutError", "TransportError"):
+                "ReadTimeoutError", "TransportError", "RetryError"):
         endpoint = os.environ.get("AWS_ENDPOINT_URL", "the S3 endpoint") \
-            if url.startswith("s3://") else "Google Cloud Storage"
+            if url.startswith("s3://") else os.environ.get("STORAGE_EMULATOR_HOST",
+                                                            "Google Cloud Storage")
         return OSError(f"{url}: cannot reach {endpoint} ({name})")
-    code = getattr(exc, "response", {}).get("Error", {}).get("Code") if hasattr(
-        exc, "response") else None
+    code = _s3_code(exc)
     if code in ("NoSuchBucket",):
         return OSError(f"{url}: the bucket does not exist")
     if code in ("404", "NoSuchKey", "NotFound") or name == "NotFound":
@@ -84,12 +102,10 @@ def _bucket_exists(url: str) -> bool:
         if scheme == "s3":
             _s3_client().head_bucket(Bucket=bucket)
         else:
-            from google.cloud import storage
-
-            return storage.Client().bucket(bucket).exists()
+            client, retry = _gcs()
+            return client.bucket(bucket).exists(retry=retry)
     except Exception as exc:  # noqa: BLE001
-        code = getattr(exc, "response", {}).get("Error", {}).get("Code")
-        return code not in ("404", "NoSuchBucket")
+        return _s3_code(exc) not in ("404", "NoSuchBucket")
     return True
 
 
@@ -102,9 +118,8 @@ def list_objects(url: str) -> list[str]:
                 Bucket=bucket, Prefix=prefix)
             keys = [o["Key"] for p in pages for o in p.get("Contents", [])]
         else:
-            from google.cloud import storage
-
-            keys = [b.name for b in storage.Client().list_blobs(bucket, prefix=prefix)]
+            client, retry = _gcs()
+            keys = [b.name for b in client.list_blobs(bucket, prefix=prefix, retry=retry)]
     except Exception as exc:  # noqa: BLE001 - every library error becomes one named OSError
         raise _explain(url, exc) from exc
     return [k[len(prefix):] for k in keys if not k.endswith("/")]
@@ -121,9 +136,8 @@ def download(url: str, dest: Path, client=None) -> Path:
         if scheme == "s3":
             (client or _s3_client()).download_file(bucket, key, tmp)
         else:
-            from google.cloud import storage
-
-            storage.Client().bucket(bucket).blob(key).download_to_filename(tmp)
+            client, retry = _gcs()
+            client.bucket(bucket).blob(key).download_to_filename(tmp, retry=retry)
         os.replace(tmp, dest)
     except Exception as exc:  # noqa: BLE001
         raise _explain(url, exc) from exc
