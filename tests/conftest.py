@@ -30,6 +30,15 @@ def _isolated_cache(tmp_path_factory):
     os.environ["TOKENUNIFY_CACHE"] = str(tmp_path_factory.mktemp("cache"))
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for local test servers)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def need(path: Path) -> Path:
     """Skip the test with a clear reason when a real dataset is absent."""
     if not path.exists():

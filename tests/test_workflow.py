@@ -208,7 +208,8 @@ def test_results_in_a_gcs_bucket_equal_the_local_ones(finished_run, tmp_path, mo
             cfg["datasets"]["h5"][part]["source"] = "gs://tokenunify-run/sources/vol.h5"
         write_config(tmp_path, cfg)
         proc = snakemake(tmp_path, "--default-storage-provider", "gcs",
-                         "--default-storage-prefix", "gs://tokenunify-run/run")
+                         "--default-storage-prefix", "gs://tokenunify-run/run",
+                         "--storage-gcs-project", "tokenunify-test")
         assert proc.returncode == 0, proc.stderr[-4000:]
         keys = [b.name for b in storage.Client().list_blobs("tokenunify-run", prefix="run/")]
         for ds in ("lab", "h5"):

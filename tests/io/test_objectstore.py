@@ -4,24 +4,17 @@ unreachable endpoint each get an error naming the URL, and no credential in any 
 
 from __future__ import annotations
 
-import socket
-
 import h5py
 import numpy as np
 import pytest
 import zarr
 
+from tests.conftest import free_port
 from tokenunify.io.sources import SourceError, SourceSpec, open_source
 
 moto_server = pytest.importorskip("moto.server", reason="moto (dev extra) not installed")
 BUCKET = "tokenunify-sources"
 SECRET = "not-a-real-secret-1234"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

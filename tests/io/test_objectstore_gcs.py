@@ -5,25 +5,18 @@ get an error naming the URL."""
 
 from __future__ import annotations
 
-import socket
-
 import h5py
 import numpy as np
 import pytest
 import zarr
 
+from tests.conftest import free_port
 from tokenunify.io import objectstore
 from tokenunify.io.sources import SourceError, SourceSpec, open_source
 
 emulator = pytest.importorskip("gcp_storage_emulator.server",
                                reason="gcp-storage-emulator (dev extra) not installed")
 BUCKET = "tokenunify-gs-sources"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
