@@ -95,14 +95,14 @@ def test_infer_in_batches_equals_one_job(tmp_path, infer_setup, caplog):
 
 def test_hierarchy_levels_in_batches_equal_one_job(tmp_path):
     """agglomerate.hierarchy in batch jobs as the workflow runs them (fragments, edges, then
-    level0, level1, level2 in batches of nodes, merge, relabel): the same segmentation and
-    history as one job."""
+    level0, level1 in batches of nodes, merge with the segment ids going down, relabel), with
+    the default stitching: the same segmentation and merge graph as one job."""
     from tokenunify.data.synthetic import generate
 
     labels = generate((16, 128, 128), seed=3)["labels"]
     path, _ = write_affinities(tmp_path / "affinities.zarr", noisy_affinities(labels))
     cfg = AgglomerateConfig(block=(8, 64, 64), tile=64, context=16, thresholds=THRESHOLDS,
-                            batch_blocks=3, stitch_threshold=None, hierarchy=[2, 2, 2])
+                            batch_blocks=3, hierarchy=[2, 2, 2])
     whole = zarr.open_group(str(run(path, tmp_path / "one.zarr", cfg)), mode="r")
     out = tmp_path / "batched.zarr"
     # 8 blocks: level0 8 nodes (3 batches), level1 1 node, (2 x 2 x 2 -> 1 x 1 x 1)
@@ -113,8 +113,10 @@ def test_hierarchy_levels_in_batches_equal_one_job(tmp_path):
             run(path, out, cfg, phase=phase, batch=b)
     done = out.with_name(out.name + ".partial") / ".work" / ".done"
     assert len(list((done / "level0").iterdir())) == 8 and len(list((done / "level1").iterdir())) == 1
+    assert len(list((done / "down1").iterdir())) == 1  # the root resolved its children's ids
     batched = zarr.open_group(str(run(path, out, cfg)), mode="r")
-    for name in [threshold_name(t) for t in THRESHOLDS] + ["fragments"]:
+    for name in [threshold_name(t) for t in THRESHOLDS] + ["fragments"] + [
+            f"graph/{k}" for k in ("u", "v", "level", "pre")]:
         assert np.array_equal(batched[name][:], whole[name][:]), name
     with pytest.raises(ValueError, match="levels 0..1"):
         run(path, tmp_path / "x.zarr", cfg, phase="level2", batch=0)
