@@ -409,6 +409,7 @@ def run(volume: str | Path, checkpoint: str | Path, out: str | Path,
     """
     from tokenunify.model import checkpoint as ckpt
 
+    fix_mmap_threshold()  # here too: a local cluster's block tasks run in this process
     src = zarr.open_group(str(volume), mode="r")
     raw = src["raw"]
     require_complete(raw, "infer")
