@@ -410,7 +410,7 @@ class _Blockwise:
         else:
             self.level(level - 1)
             offsets, n_frag = self.offsets()
-        grids = [tuple(max(n[k] for n in ns) + 1 for k in range(3)) for ns in nodes]
+        grids = self._grids()
         frag_blocks = lv.FragmentBlocks(offsets, c.tile, c.tile_depth, c.block, n_frag)
         subset = batch_of(nodes[level], batch, c.batch_blocks)
         todo = [n for n in subset if not marker_path(self.work, f"level{level}", n).exists()]
@@ -424,7 +424,7 @@ class _Blockwise:
 
     def _down(self) -> None:
         """The segment ids going down the hierarchy: one task per node of each level from the
-        root to level 1 (:func:`tokenunify.agglomerate.levels.down_task`), skipping nodes with
+        root to level 1 (:func:`tokenunify.agglomerate.down.down_task`), skipping nodes with
         a done marker; the leaves' ids are resolved by the relabel tasks."""
         from dask import delayed
 
