@@ -85,7 +85,8 @@ def test_stitched_hierarchy_on_real_neuroproof(tmp_path):
 def test_hierarchy_output_graph_gives_its_segmentation(synthetic, tmp_path):  # noqa: F811
     """The output's merge graph (u, v, level, pre), written node by node, gives back every
     threshold's segmentation through MergeHistory.lut, as the flat merge's does; a killed
-    pass of segment ids going down resumes to the same result."""
+    pass of segment ids going down resumes to the same result, and a graph written in many
+    small pieces is the same graph."""
     from tokenunify.agglomerate.merge import MergeHistory
 
     _, path, _ = synthetic
@@ -118,9 +119,17 @@ def test_hierarchy_output_graph_gives_its_segmentation(synthetic, tmp_path):  # 
     finally:
         monkeypatch.undo()
     assert bw.down.down_task is real
-    again = segment(path, tmp_path / "b.zarr", **kw)
+    monkeypatch.setattr(down, "GRAPH_CHUNK", 7)  # the graph written in many small pieces
+    try:
+        again = segment(path, tmp_path / "b.zarr", **kw)
+    finally:
+        monkeypatch.undo()
     for t in THRESHOLDS:
         assert np.array_equal(whole[t], again[t]), t
+    g2 = zarr.open_group(str(tmp_path / "b.zarr"), mode="r")["graph"]
+    assert g2["u"].chunks == (7,)
+    for k in ("u", "v", "level", "pre"):
+        assert np.array_equal(g2[k][:], g[k][:]), k
 
 
 def test_killed_level_resumes_to_the_same_result(synthetic, tmp_path, monkeypatch):  # noqa: F811

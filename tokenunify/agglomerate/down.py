@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tokenunify.agglomerate.levels import children, exports, node_name
+from tokenunify.agglomerate.levels import children, exports, merged_exports, node_name
 from tokenunify.agglomerate.lookup import NodeJoins, resolve
 
 
@@ -49,10 +49,7 @@ def down_task(work: str, level: int, node, grids, fanout, thresholds) -> None:
     parent_ids, parent_final = _parent_answer(work, level, node, len(grids), thresholds)
     kids = {k: exports(work / "levels" / node_name(level - 1, k))
             for k in children(node, fanout, grids[level - 1])}
-    child_ids = np.concatenate([e[0] for e in kids.values()])
-    order = np.argsort(child_ids, kind="stable")
-    child_mins = np.concatenate([e[1] for e in kids.values()], axis=1)[:, order]
-    child_ids = child_ids[order]
+    child_ids, child_mins = merged_exports(list(kids.values()))
     (work / "down").mkdir(exist_ok=True)
     for k, (ids, _) in kids.items():
         final = resolve(joins, thresholds, ids, child_ids, child_mins, parent_ids, parent_final)
@@ -78,35 +75,48 @@ GRAPH_CHUNK = 1 << 20  # rows per chunk of the output's merge graph
 
 def write_graph(group, work: Path, grids, n_fragments: int) -> int:
     """Every node's merges into ``group`` (arrays u, v, level and pre, as the flat merge's
-    history; merges in node order, which the lookup tables do not depend on), node by node, so
-    that the whole history is never in memory. Returns the number of merges."""
+    history; merges in node order, which the lookup tables do not depend on), reading each
+    node's file once and writing about :data:`GRAPH_CHUNK` merges at a time, so that the whole
+    history is never in memory. Returns the number of merges."""
     from tokenunify.io.zarrio import create_array
 
-    names = [node_name(level, node) for level, grid in enumerate(grids)
-             for node in itertools.product(*(range(g) for g in grid))]
-    sizes = []
-    for name in names:
-        with np.load(work / "levels" / f"{name}.merges.npz") as f:
-            sizes.append(len(f["u"]))
-    m, n = int(sum(sizes)), n_fragments + 1
+    n = n_fragments + 1
     arrays = {}
-    for key, length, dtype in (("u", m, np.uint64), ("v", m, np.uint64),
-                               ("level", m, np.float64), ("pre", n, np.uint64)):
+    for key, length, dtype in (("u", 0, np.uint64), ("v", 0, np.uint64),
+                               ("level", 0, np.float64), ("pre", n, np.uint64)):
         if key in group:
             del group[key]
         arrays[key] = create_array(group, key, shape=(length,), dtype=dtype,
-                                   chunks=(max(1, min(length, GRAPH_CHUNK)),))
+                                   chunks=(GRAPH_CHUNK,))
     for a in range(0, n, GRAPH_CHUNK):
         arrays["pre"][a:min(n, a + GRAPH_CHUNK)] = np.arange(a, min(n, a + GRAPH_CHUNK),
                                                              dtype=np.uint64)
-    at = 0
-    for name, size in zip(names, sizes, strict=True):
-        with np.load(work / "levels" / f"{name}.merges.npz") as f:
-            for key in ("u", "v", "level"):
-                arrays[key][at:at + size] = f[key]
-            if len(f["pre_fragment"]):
-                order = np.argsort(f["pre_fragment"])
-                arrays["pre"].set_orthogonal_selection(
-                    (f["pre_fragment"][order].astype(np.int64),), f["pre_rep"][order])
-        at += size
-    return m
+    held: dict[str, list] = {"u": [], "v": [], "level": []}
+    at = pending = 0
+
+    def flush() -> None:
+        nonlocal at, pending
+        if not held["u"]:
+            return
+        rows = {k: np.concatenate(v) for k, v in held.items()}
+        m = len(rows["u"])
+        for k, data in rows.items():
+            arrays[k].resize((at + m,))
+            arrays[k][at:at + m] = data
+            held[k].clear()
+        at, pending = at + m, 0
+
+    for level, grid in enumerate(grids):
+        for node in itertools.product(*(range(g) for g in grid)):
+            with np.load(work / "levels" / f"{node_name(level, node)}.merges.npz") as f:
+                for key in held:
+                    held[key].append(f[key])
+                pending += len(f["u"])
+                if len(f["pre_fragment"]):
+                    order = np.argsort(f["pre_fragment"])
+                    arrays["pre"].set_orthogonal_selection(
+                        (f["pre_fragment"][order].astype(np.int64),), f["pre_rep"][order])
+            if pending >= GRAPH_CHUNK:
+                flush()
+    flush()
+    return at

@@ -376,11 +376,8 @@ def node_task(work: str, level: int, node, grids, fanout, frag_blocks: FragmentB
         raw_hist = (pd.concat(parts[".rawhist"], ignore_index=True).drop_duplicates(
             ["u", "v", "bin"]) if parts[".rawhist"] else None)
         groups = pd.concat(parts[".groups"], ignore_index=True)
-        child = [exports(out / node_name(level - 1, k)) for k in kids]
-        child_ids = np.concatenate([c[0] for c in child])
-        order = np.argsort(child_ids, kind="stable")
-        child_ids = child_ids[order]
-        child_mins = np.concatenate([c[1] for c in child], axis=1)[:, order]
+        child_ids, child_mins = merged_exports([exports(out / node_name(level - 1, k))
+                                                for k in kids])
     if level == 0:
         child_ids, child_mins = np.zeros(0, np.int64), np.zeros((len(thresholds), 0), np.int64)
     # stitching: a raw edge becomes a graph edge here when both ends are inside and their
@@ -388,10 +385,15 @@ def node_task(work: str, level: int, node, grids, fanout, frag_blocks: FragmentB
     ru, rv = raw["u"].to_numpy(np.int64), raw["v"].to_numpy(np.int64)
     in_u, in_v = inside(ru), inside(rv)
     ids, rep, complete = _groups(raw, groups, in_u, in_v, stitch_threshold)
-    rep_u = _lookup(ids, rep, lambda q: q.copy(), ru)
-    rep_v = _lookup(ids, rep, lambda q: q.copy(), rv)
-    ready = (in_u & in_v & _lookup(ids, complete, lambda q: np.ones(len(q), bool), ru) &
-             _lookup(ids, complete, lambda q: np.ones(len(q), bool), rv))
+
+    def rep_of(q):  # a fragment outside every group is its own representative
+        return _lookup(ids, rep, lambda x: x.copy(), q)
+
+    def complete_of(q):  # ... and a complete group
+        return _lookup(ids, complete, lambda x: np.ones(len(x), bool), q)
+
+    rep_u, rep_v = rep_of(ru), rep_of(rv)
+    ready = in_u & in_v & complete_of(ru) & complete_of(rv)
     carry = raw[~ready]
     new = raw[ready].assign(u=np.minimum(rep_u, rep_v)[ready], v=np.maximum(rep_u, rep_v)[ready])
     new = new[new["u"] != new["v"]]
@@ -400,7 +402,7 @@ def node_task(work: str, level: int, node, grids, fanout, frag_blocks: FragmentB
     new_hist = None
     if raw_hist is not None:
         m = raw_hist.merge(raw[ready][["u", "v"]], on=["u", "v"])
-        mu, mv = (_lookup(ids, rep, lambda q: q.copy(), m[c].to_numpy()) for c in ("u", "v"))
+        mu, mv = rep_of(m["u"].to_numpy()), rep_of(m["v"].to_numpy())
         new_hist = m.assign(u=np.minimum(mu, mv), v=np.maximum(mu, mv))
         new_hist = new_hist[new_hist["u"] != new_hist["v"]].groupby(
             ["u", "v", "bin"], as_index=False)["n"].sum()
@@ -453,3 +455,10 @@ def exports(base: Path) -> tuple[np.ndarray, np.ndarray]:
     """A node's exported ids and their smallest fragment ids (T, n)."""
     with np.load(Path(f"{base}.merges.npz")) as f:
         return f["exported"].astype(np.int64), f["mins"].astype(np.int64)
+
+
+def merged_exports(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Several nodes' :func:`exports` as one: ids sorted, mins (T, n) in the same order."""
+    ids = np.concatenate([p[0] for p in parts])
+    order = np.argsort(ids, kind="stable")
+    return ids[order], np.concatenate([p[1] for p in parts], axis=1)[:, order]

@@ -61,7 +61,8 @@ def _index(ids: np.ndarray, query: np.ndarray) -> np.ndarray:
     return np.searchsorted(ids, np.asarray(query, np.int64))
 
 
-def _smallest(ids, comp, own_min, n_comp) -> np.ndarray:
+def _smallest(comp, own_min, n_comp) -> np.ndarray:
+    """The smallest ``own_min`` of each of ``n_comp`` components."""
     out = np.full(n_comp, np.iinfo(np.int64).max, np.int64)
     np.minimum.at(out, comp, own_min)
     return out
@@ -89,7 +90,7 @@ def exported_mins(joins: NodeJoins, thresholds, child_ids: np.ndarray,
     out = np.zeros((len(thresholds), len(joins.exported)), np.int64)
     at = _index(ids, joins.exported)
     for k, comp in enumerate(comps):
-        out[k] = _smallest(ids, comp, mins[k], comp.max() + 1 if len(comp) else 0)[comp[at]]
+        out[k] = _smallest(comp, mins[k], comp.max() + 1 if len(comp) else 0)[comp[at]]
     return out
 
 
@@ -116,7 +117,7 @@ def resolve(joins: NodeJoins, thresholds, query: np.ndarray, child_ids: np.ndarr
         raise ValueError(f"the parent resolved no segment id for exported id {int(missing[0])}")
     for k, comp in enumerate(comps):
         n = comp.max() + 1 if len(comp) else 0
-        final = _smallest(ids, comp, mins[k], n).astype(np.uint64)
+        final = _smallest(comp, mins[k], n).astype(np.uint64)
         if len(joins.exported):  # components holding an exported id take the parent's answer
             final[comp[exp_at]] = np.asarray(parent_final, np.uint64)[
                 k, _index(np.asarray(parent_ids, np.int64), joins.exported)]

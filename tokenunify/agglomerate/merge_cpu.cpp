@@ -29,9 +29,9 @@
 // 1.5 M-edge grid (2.2 M pops, 3.2 M moved edges, 1.0 M edge merges, 512 k merges), the
 // previous layout (one array per field, 16-byte hash slots erased on every move, one 4-ary
 // heap of 24-byte entries) spent ~25 % in hash erases, ~30 % in the heap and ~20 % in
-// histogram merging; this one is about 1.45x faster (the two side by side on a loaded machine;
-// what is left is a chain of dependent cache misses per merge: the hash probe, the first touch
-// of each moved edge, the popped edge's regions). Scores are computed in double with the same
+// histogram merging. What is left is a chain of dependent cache misses per merge: the hash
+// probe, the first touch of each moved edge, the popped edge's regions. Scores are computed in
+// double with the same
 // operations as the Python code (no fast-math), so the popped order, and therefore the merge
 // history, is identical.
 #include <torch/extension.h>
@@ -180,7 +180,6 @@ class Heap {  // 4-ary min-heap of (score, rank << 32 | edge); children of i sha
     }
   };
   explicit Heap(i64 n) { h_.reserve(n + kPad + 1); h_.n = kPad; }
-  Heap() : Heap(0) {}
   bool empty() const { return h_.n == kPad; }
   const Item &top() const { return h_.p[kPad]; }
   Item *raw(i64 n) {  // fill n items, then heapify()
@@ -292,7 +291,8 @@ class BucketQueue {
 class Queue {  // the bucket queue when every score is a quantile value, else the 4-ary heap
  public:
   using Item = Heap::Item;
-  Queue(const Edge *ed, i64 E, bool quantile, i64 bins) : heap_(quantile ? 0 : E), bq_(quantile ? bins : 0) {
+  Queue(const Edge *ed, i64 E, bool quantile, i64 bins)
+      : heap_(quantile ? 0 : E), bq_(quantile ? bins : 0) {
     buckets_ = quantile;
     for (i64 e = 0; buckets_ && e < E; ++e)
       if (bq_.bucket(ed[e].score) < 0) buckets_ = false;  // a score from elsewhere: no buckets
