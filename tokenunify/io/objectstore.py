@@ -127,7 +127,7 @@ def list_objects(url: str) -> list[str]:
 
 def download(url: str, dest: Path, client=None) -> Path:
     """Copy the object ``url`` to ``dest`` (through a temporary file and a rename);
-    ``client``: an S3 client to reuse."""
+    ``client``: what :func:`client_for` gave for this store, to reuse."""
     scheme, bucket, key = split(url)
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name, suffix=".part")
@@ -136,8 +136,8 @@ def download(url: str, dest: Path, client=None) -> Path:
         if scheme == "s3":
             (client or _s3_client()).download_file(bucket, key, tmp)
         else:
-            client, retry = _gcs()
-            client.bucket(bucket).blob(key).download_to_filename(tmp, retry=retry)
+            gcs, retry = client or _gcs()
+            gcs.bucket(bucket).blob(key).download_to_filename(tmp, retry=retry)
         os.replace(tmp, dest)
     except Exception as exc:  # noqa: BLE001
         raise _explain(url, exc) from exc
@@ -145,6 +145,12 @@ def download(url: str, dest: Path, client=None) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return dest
+
+
+def client_for(url: str):
+    """One client for many objects of ``url``'s store: an S3 client, or GCS's (client,
+    retry)."""
+    return _s3_client() if url.startswith("s3://") else _gcs()
 
 
 def download_folder(url: str, dest: Path) -> Path:
@@ -157,7 +163,7 @@ def download_folder(url: str, dest: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=dest.name, suffix=".part"))
     try:
         log.info("fetching %d objects under %s", len(keys), url)
-        client = _s3_client() if url.startswith("s3://") else None
+        client = client_for(url)
         for k in keys:
             download(url.rstrip("/") + "/" + k, tmp / k, client)
         os.replace(tmp, dest)
