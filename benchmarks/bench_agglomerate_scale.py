@@ -9,11 +9,13 @@ watershed in tiles of 128 (waterz's 3-D watershed makes a fragment every few vox
 noisy affinities); block 64 x 128 x 128; thresholds 0.3 / 0.5 / 0.7; the default stitching
 across tile edges (``stitch_threshold: 0.5``) for both.
 
-Prints per size and run: fragments, edges, the wall time of each step (fragments, edges, merge,
-relabel) and the peak RSS of the process (the Dask scheduler runs threads in that process, so it
-is the largest single process), then the growth of peak RSS and of time per voxel from the
-second size to the largest, and a projection to 10^12 voxels from the measured per-block figures
-of the largest run. Both runs' segmentations are compared (they must be identical).
+Prints per size and run: fragments, the wall time and peak RSS of each step (fragments, edges,
+merge levels, segment ids down, relabel; RSS sampled every 20 ms) and the peak RSS of the process
+(the Dask scheduler runs threads in that process, so it is the largest single process); for the
+octree also the largest node of every level (edges it merged, residual edges it passed up), which
+is what the top levels' memory follows. Then the growth of peak RSS and of time per voxel from
+the second size to the largest, and a projection to 10^12 voxels from the measured per-block
+figures of the largest run. Both runs' segmentations are compared (they must be identical).
 
     python benchmarks/bench_agglomerate_scale.py --sizes 128 256     # quick
     python benchmarks/bench_agglomerate_scale.py                     # up to 1024^3 (hours)
@@ -28,6 +30,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -74,21 +77,53 @@ def make(work: Path, n: int, seed: int = 0) -> None:
         a[:, z0:z1] = np.rint(aff * 255).astype(np.uint8)
 
 
+def rss_gb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**30
+
+
 def agglomerate(work: Path, hierarchy) -> dict:
     from tokenunify.agglomerate import AgglomerateConfig, run
     from tokenunify.agglomerate import blockwise as bw
+    from tokenunify.agglomerate import levels as lv
 
     cfg = AgglomerateConfig(block=BLOCK, thresholds=(0.3, 0.5, 0.7), tile=128, context=16,
                             hierarchy=hierarchy, workers=2)
     steps: dict = {}
+    peaks: dict = {}
+    peak = [0.0]
+
+    def sample():
+        while True:
+            peak[0] = max(peak[0], rss_gb())
+            time.sleep(0.02)
+
+    threading.Thread(target=sample, daemon=True).start()
     compute = bw._compute
 
     def timed(tasks, cfg, desc, client=None):
+        peak[0] = rss_gb()
         t0 = time.perf_counter()
         compute(tasks, cfg, desc, client)
         steps[desc] = steps.get(desc, 0.0) + time.perf_counter() - t0
+        peaks[desc] = max(peaks.get(desc, 0.0), peak[0])
 
     bw._compute = timed
+    nodes: dict = {}  # level -> [edges merged, residual edges] of its largest node
+    merge_frames, node_task = lv.merge_frames, lv.node_task
+    seen = threading.local()
+
+    def counted_merge(df, *a, **k):
+        merges, rdf, rh = merge_frames(df, *a, **k)
+        big = nodes.setdefault(seen.level, [0, 0])
+        big[0], big[1] = max(big[0], len(df)), max(big[1], len(rdf))
+        return merges, rdf, rh
+
+    def counted_node(work, level, *a, **k):
+        seen.level = level
+        return node_task(work, level, *a, **k)
+
+    lv.merge_frames, lv.node_task = counted_merge, counted_node
     t0 = time.perf_counter()
     out = run(work / "affinities.zarr", work / f"seg_{'h' if hierarchy else 'flat'}.zarr", cfg)
     total = time.perf_counter() - t0
@@ -96,7 +131,8 @@ def agglomerate(work: Path, hierarchy) -> dict:
 
     root = zarr.open_group(str(out), mode="r")
     n_frag = int(root["graph"].attrs["n_fragments"])
-    return {"seconds": total, "steps": steps, "fragments": n_frag,
+    return {"seconds": total, "steps": steps, "peaks": peaks, "nodes": nodes,
+            "fragments": n_frag,
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             "out": str(out)}
 
@@ -141,12 +177,15 @@ def main() -> int:
             flat, hier = spawn(work, "flat"), spawn(work, "hier")
             ok = same(flat["out"], hier["out"])
             for name, r in (("flat", flat), ("octree", hier)):
-                st = " ".join(f"{k.replace('merge level', 'L')}={v:.1f}s"
-                              for k, v in r["steps"].items())
+                st = " ".join(f"{k.replace('merge level ', 'L').replace('segment ids down level ', 'D')}"
+                              f"={v:.1f}s/{r['peaks'][k]:.2f}GB" for k, v in r["steps"].items())
                 st += f" other={r['seconds'] - sum(r['steps'].values()):.1f}s"
                 print(f"{n}^3 {name:6s} fragments {r['fragments']:>9} total {r['seconds']:8.1f} s"
                       f"  peak RSS {r['peak_rss_gb']:.2f} GB  [{st}]  (volume written in "
                       f"{made:.0f} s)", flush=True)
+            print(f"{n}^3 octree largest node per level (edges merged / residual passed up): "
+                  + ", ".join(f"L{k} {e}/{r}" for k, (e, r) in sorted(hier["nodes"].items())),
+                  flush=True)
             print(f"{n}^3 segmentations identical: {ok}", flush=True)
             rows.append((n, flat, hier, ok))
         finally:

@@ -95,30 +95,37 @@ def test_infer_in_batches_equals_one_job(tmp_path, infer_setup, caplog):
 
 def test_hierarchy_levels_in_batches_equal_one_job(tmp_path):
     """agglomerate.hierarchy in batch jobs as the workflow runs them (fragments, edges, then
-    level0, level1 in batches of nodes, merge with the segment ids going down, relabel), with
-    the default stitching: the same segmentation and merge graph as one job."""
+    level0, level1, level2 going up and down2, down1 going down, in batches of nodes, the merge
+    that only checks them, relabel), with the default stitching: the same segmentation and merge
+    graph as one job."""
     from tokenunify.data.synthetic import generate
 
-    labels = generate((16, 128, 128), seed=3)["labels"]
+    labels = generate((32, 128, 128), seed=3)["labels"]
     path, _ = write_affinities(tmp_path / "affinities.zarr", noisy_affinities(labels))
-    cfg = AgglomerateConfig(block=(8, 64, 64), tile=64, context=16, thresholds=THRESHOLDS,
+    cfg = AgglomerateConfig(block=(8, 32, 64), tile=32, context=16, thresholds=THRESHOLDS,
                             batch_blocks=3, hierarchy=[2, 2, 2])
     whole = zarr.open_group(str(run(path, tmp_path / "one.zarr", cfg)), mode="r")
     out = tmp_path / "batched.zarr"
-    # 8 blocks: level0 8 nodes (3 batches), level1 1 node, (2 x 2 x 2 -> 1 x 1 x 1)
-    plan = [("fragments", range(3)), ("edges", range(3)), ("level0", range(3)),
-            ("level1", range(1)), ("merge", [None]), ("relabel", range(3))]
+    # 4 x 4 x 2 blocks: level0 32 nodes (11 batches), level1 2 x 2 x 1 (2 batches), level2 the
+    # root; the ids go down from the root (down2, 1 node) to level 1's 4 nodes (down1, 2 batches)
+    plan = [("fragments", range(11)), ("edges", range(11)), ("level0", range(11)),
+            ("level1", range(2)), ("level2", range(1)), ("down2", range(1)),
+            ("down1", range(2)), ("merge", [None]), ("relabel", range(11))]
+    done = out.with_name(out.name + ".partial") / ".work" / ".done"
     for phase, batches in plan:
         for b in batches:
             run(path, out, cfg, phase=phase, batch=b)
-    done = out.with_name(out.name + ".partial") / ".work" / ".done"
-    assert len(list((done / "level0").iterdir())) == 8 and len(list((done / "level1").iterdir())) == 1
-    assert len(list((done / "down1").iterdir())) == 1  # the root resolved its children's ids
+        if phase == "down1":
+            assert len(list((done / "down2").iterdir())) == 1  # the root, for level 1's ids
+            assert len(list((done / "down1").iterdir())) == 4
+    assert [len(list((done / f"level{k}").iterdir())) for k in range(3)] == [32, 4, 1]
     batched = zarr.open_group(str(run(path, out, cfg)), mode="r")
     for name in [threshold_name(t) for t in THRESHOLDS] + ["fragments"] + [
             f"graph/{k}" for k in ("u", "v", "level", "pre")]:
         assert np.array_equal(batched[name][:], whole[name][:]), name
-    with pytest.raises(ValueError, match="levels 0..1"):
-        run(path, tmp_path / "x.zarr", cfg, phase="level2", batch=0)
+    with pytest.raises(ValueError, match="levels 0..2"):
+        run(path, tmp_path / "x.zarr", cfg, phase="level3", batch=0)
+    with pytest.raises(ValueError, match="down levels 2..1"):
+        run(path, tmp_path / "x.zarr", cfg, phase="down3", batch=0)
     with pytest.raises(ValueError, match="needs agglomerate.hierarchy"):
         run(path, tmp_path / "y.zarr", dataclasses.replace(cfg, hierarchy=None), phase="level0")

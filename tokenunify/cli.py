@@ -347,9 +347,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--spec", help='settings as JSON: {"agglomerate": {...}}')
     sp.add_argument("--workers", type=int, default=None, help="parallel block tasks")
     sp.add_argument("--phase", default=None,
-                    help="run only this phase: fragments, edges, merge, relabel, or levelK "
-                         "(level K of agglomerate.hierarchy); with --batch N, batch N of "
-                         "agglomerate.batch_blocks blocks (nodes for levelK)")
+                    help="run only this phase: fragments, edges, merge, relabel, or levelK / "
+                         "downK (level K of agglomerate.hierarchy going up / its segment ids "
+                         "going down); with --batch N, batch N of agglomerate.batch_blocks "
+                         "blocks (nodes for levelK and downK)")
     sp.add_argument("--batch", type=int, default=None, help="the batch of --phase (default all)")
     sp.set_defaults(func=cmd_agglomerate)
 

@@ -59,7 +59,7 @@ import zarr
 
 from tokenunify.affinities import OFFSETS
 from tokenunify.cluster import DaskConfig, batch_of, dask_client
-from tokenunify.heap import fix_mmap_threshold
+from tokenunify.heap import block_task, fix_mmap_threshold
 from tokenunify.io.identity import Lineage, result_settings
 from tokenunify.io.locks import exclusive
 from tokenunify.io.zarrio import (
@@ -327,11 +327,11 @@ def _encode(aff: np.ndarray, dtype: str) -> np.ndarray:
     return aff.astype(np.float16)
 
 
+@block_task
 def _sums_task(raw_path: str, out_path: str, checkpoint: str, idx, core, cfg: InferConfig,
                block, scale: float) -> float:
     """Pass 1 of one block into the staging folder ``out_path``, then its 'owned' marker."""
     t0 = time.perf_counter()
-    fix_mmap_threshold()  # the process must not grow with the blocks it has run (heap.py)
     # the same torch thread count wherever the task runs (a Dask nanny sets OMP_NUM_THREADS=1),
     # from the config only (not from snakemake --cores or the Dask threads): the network's
     # float results depend on it
@@ -347,10 +347,10 @@ def _sums_task(raw_path: str, out_path: str, checkpoint: str, idx, core, cfg: In
     return dt
 
 
+@block_task
 def _blend_task(out_path: str, idx, core, cfg: InferConfig) -> float:
     """Pass 2 of one block: its core's affinities from every sums array, then its marker."""
     t0 = time.perf_counter()
-    fix_mmap_threshold()
     root = zarr.open_group(out_path, mode="r+")
     sums = root[SUMS]
     parts = (np.asarray(arr[(slice(None),) + tuple(core)]) for _, arr in sorted(sums.arrays()))

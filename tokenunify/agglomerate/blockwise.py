@@ -17,7 +17,10 @@ Memory per task is bounded by the block (plus context); the global step holds on
 
 Batches (``batch_blocks``, :mod:`tokenunify.cluster`): ``run(..., phase=P, batch=i)`` runs phase
 P (``fragments``, ``edges``, ``relabel``) for batch i only, or the global ``merge``, finishing
-any earlier phase's missing blocks first; the workflow makes one job per batch and phase. The
+any earlier phase's missing blocks first; the workflow makes one job per batch and phase. With
+``hierarchy``, phases ``levelK`` (level K going up) and ``downK`` (the segment ids going down
+from level K, from the root's level to 1) run batch i of the level's nodes, and ``merge`` only
+checks that every level is done. The
 call without ``phase`` finishes everything and renames the result into place. The Dask tasks run
 on ``dask``'s cluster (local threads/processes, a scheduler address or a SLURMCluster).
 Output: one uint64 array ``threshold_{t:.3f}`` per threshold, plus ``fragments``.
@@ -46,6 +49,7 @@ from tokenunify.agglomerate.merge import TIES, MergeHistory, agglomerate_graph
 from tokenunify.agglomerate.scoring import parse
 from tokenunify.agglomerate.whole_volume import waterz_segmentations
 from tokenunify.cluster import DaskConfig, batch_of, dask_client
+from tokenunify.heap import block_task
 from tokenunify.io.identity import Lineage, result_settings
 from tokenunify.io.locks import exclusive
 from tokenunify.io.zarrio import (
@@ -158,6 +162,7 @@ def _float(a: np.ndarray, scale: float) -> np.ndarray:
     return a.astype(np.float32) / np.float32(scale) if scale != 1.0 else a.astype(np.float32)
 
 
+@block_task
 def _fragments_task(aff_path, scale, out, work, idx, box, tile, context, tile_z=1):
     aff = zarr.open_group(aff_path, mode="r")["affinities"]
     D, H, W = aff.shape[1:]
@@ -186,6 +191,7 @@ def _global_fragments(out, offsets, box, tile, shell=(0, 0, 0), tile_z=1) -> np.
     return fr.globalize(loc, offsets, lo[0], lo[1], lo[2], tile, tile_z)
 
 
+@block_task
 def _edges_task(aff_path, scale, out, work, idx, box, tile, offsets, hist_bins, tile_z=1):
     shell = tuple(int(s.start > 0) for s in box)
     frag = _global_fragments(out, offsets, box, tile, shell, tile_z)
@@ -200,6 +206,7 @@ def _edges_task(aff_path, scale, out, work, idx, box, tile, offsets, hist_bins, 
     mark_done(work, "edges", idx)
 
 
+@block_task
 def _level_task(work, level, node, grids, fanout, frag_blocks, scoring, thresholds,
                 stitch_threshold):
     lv.node_task(work, level, node, grids, fanout, frag_blocks, scoring, thresholds,
@@ -207,6 +214,7 @@ def _level_task(work, level, node, grids, fanout, frag_blocks, scoring, threshol
     mark_done(work, f"level{level}", node)
 
 
+@block_task
 def _down_task(work, level, node, grids, fanout, thresholds):
     down.down_task(work, level, node, grids, fanout, thresholds)
     mark_done(work, f"down{level}", node)
@@ -230,6 +238,7 @@ def _write_luts(work: Path, history: MergeHistory, thresholds) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@block_task
 def _relabel_task(out, work, idx, box, tile, offsets, names, tile_z=1, levels=None,
                   thresholds=None):
     """Segment ids of one block: from the flat merge's lookup tables, or with ``levels`` (the
@@ -351,8 +360,10 @@ class _Blockwise:
         marks it); returns None (the history stays in the nodes' files)."""
         if self.cfg.hierarchy is not None:
             if not self.merged():
-                self.level(len(self.level_nodes()) - 1)
-                self._down()
+                top = len(self.level_nodes()) - 1
+                self.level(top)
+                if top >= 1:
+                    self.down(1)
                 (self.work / "down.done").touch()
             return None
         saved = self.work / "history.npz"
@@ -422,19 +433,31 @@ class _Blockwise:
     def _grids(self) -> list[tuple[int, int, int]]:
         return [tuple(max(n[k] for n in ns) + 1 for k in range(3)) for ns in self.level_nodes()]
 
-    def _down(self) -> None:
-        """The segment ids going down the hierarchy: one task per node of each level from the
-        root to level 1 (:func:`tokenunify.agglomerate.down.down_task`), skipping nodes with
-        a done marker; the leaves' ids are resolved by the relabel tasks."""
+    def down(self, level: int, batch: int | None = None) -> None:
+        """The segment ids going down to level ``level`` - 1 for batch ``batch`` of the nodes of
+        level ``level`` (None: all; 1 <= level <= the root's level), after everything above:
+        the levels up and the down steps of the levels above; one task per node
+        (:func:`tokenunify.agglomerate.down.down_task`), nodes with a done marker skipped. The
+        leaves' ids are resolved by the relabel tasks."""
         from dask import delayed
 
-        c, nodes, grids = self.cfg, self.level_nodes(), self._grids()
-        for level in range(len(nodes) - 1, 0, -1):
-            todo = [n for n in nodes[level]
-                    if not marker_path(self.work, f"down{level}", n).exists()]
-            self._run([delayed(_down_task, pure=False)(str(self.work), level, n, grids,
-                                                      c.hierarchy, c.thresholds)
-                       for n in todo], f"segment ids down level {level}")
+        c, nodes = self.cfg, self.level_nodes()
+        top = len(nodes) - 1
+        if not 1 <= level <= top:
+            raise ValueError(f"agglomerate phase down{level}: the hierarchy's segment ids go "
+                             f"down levels {top}..1" if top else
+                             f"agglomerate phase down{level}: the hierarchy has one level "
+                             f"(one block), nothing goes down")
+        if level == top:
+            self.level(top)
+        else:
+            self.down(level + 1)
+        grids = self._grids()
+        subset = batch_of(nodes[level], batch, c.batch_blocks)
+        todo = [n for n in subset if not marker_path(self.work, f"down{level}", n).exists()]
+        self._run([delayed(_down_task, pure=False)(str(self.work), level, n, grids,
+                                                  c.hierarchy, c.thresholds)
+                   for n in todo], f"segment ids down level {level}")
 
     def relabel(self, subset) -> None:
         """Segment ids of the blocks of ``subset``: each task reads the lookup-table entries of
@@ -462,14 +485,15 @@ def run(affinities: str | Path, out: str | Path, cfg: AgglomerateConfig | None =
     and ``out`` is committed."""
     cfg = cfg or AgglomerateConfig()
     level = None
-    if phase is not None and phase.startswith("level") and phase[5:].isdigit():
+    kind = phase.rstrip("0123456789") if phase is not None else None
+    if kind in ("level", "down") and phase != kind:
         if cfg.hierarchy is None:
             raise ValueError(f"agglomerate phase {phase!r} needs agglomerate.hierarchy")
-        level = int(phase[5:])
+        level = int(phase[len(kind):])
     elif phase is not None and (phase not in PHASES or cfg.method != "blockwise"):
-        raise ValueError(f"agglomerate phase {phase!r}: phases {list(PHASES)} (and levelK with "
-                         f"agglomerate.hierarchy) exist for method blockwise only (method is "
-                         f"{cfg.method!r})")
+        raise ValueError(f"agglomerate phase {phase!r}: phases {list(PHASES)} (and levelK, "
+                         f"downK with agglomerate.hierarchy) exist for method blockwise only "
+                         f"(method is {cfg.method!r})")
     aff, scale = read_affinities(affinities)
     shape = aff.shape[1:]
     vs, off = aff.attrs.get("voxel_size", [1.0] * 3), aff.attrs.get("offset", [0.0] * 3)
@@ -504,7 +528,7 @@ def run(affinities: str | Path, out: str | Path, cfg: AgglomerateConfig | None =
             if phase == "merge":
                 bw.merge()
             elif level is not None:
-                bw.level(level, batch)
+                getattr(bw, kind)(level, batch)
             elif phase is not None:
                 getattr(bw, phase)(subset)
             if phase is not None:

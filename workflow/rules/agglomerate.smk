@@ -1,14 +1,15 @@
 # Stage 6: affinities -> segmentation at every threshold (blockwise waterz semantics, seam-free).
 # More than agglomerate.batch_blocks blocks: one job per batch for each blockwise phase
 # (fragments, edges, relabel) around one global merge job; with agglomerate.hierarchy, one job
-# per batch of nodes for each level (level0, level1, ...) between edges and the merge, which
-# then only gathers them. The agglomerate job finishes and renames the result into place. One
+# per batch of nodes for each level going up (level0, level1, ...) and for the segment ids going
+# down (downK from the root's level to down1), between edges and the merge, which then only
+# checks them. The agglomerate job finishes and renames the result into place. One
 # batch: the agglomerate job does it all. A local barrier job per phase (PHASE.done) stands for
 # all of the phase's batches, so the next phase's jobs each depend on one file.
 
 rule agglomerate_phase:
     wildcard_constraints:
-        phase="fragments|edges|relabel|level[0-9]+",
+        phase="fragments|edges|relabel|level[0-9]+|down[0-9]+",
         batch="[0-9]+",
     input:
         affinities="results/{experiment}/{dataset}/affinities.zarr",
@@ -38,7 +39,7 @@ localrules:
 
 rule agglomerate_barrier:
     wildcard_constraints:
-        phase="fragments|edges|level[0-9]+",
+        phase="fragments|edges|level[0-9]+|down[0-9]+",
     input:
         agglo_barrier_inputs,
     output:

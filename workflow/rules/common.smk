@@ -142,13 +142,24 @@ def level_batches(dataset):
             for g in level_grids(grid0, agg["hierarchy"])]
 
 
-def level_markers(wildcards, level):
-    """The done markers of every batch of one hierarchy level ([] past the last level)."""
+def hierarchy_phase(phase):
+    """(kind, level) of a hierarchy phase: levelK (going up, K >= 0) or downK (the segment ids
+    going down, K >= 1); None for the other phases."""
+    kind = phase.rstrip("0123456789")
+    if kind in ("level", "down") and kind != phase:
+        return kind, int(phase[len(kind):])
+    return None
+
+
+def level_markers(wildcards, phase):
+    """The done markers of every batch of one hierarchy phase (levelK or downK; [] past the
+    last level)."""
+    kind, level = hierarchy_phase(phase)
     counts = level_batches(wildcards.dataset)
-    if not 0 <= level < len(counts):
+    if not (0 if kind == "level" else 1) <= level < len(counts):
         return []
-    return expand("results/{experiment}/{dataset}/segmentation.batches/level{level}_{batch}.done",
-                  experiment=wildcards.experiment, dataset=wildcards.dataset, level=level,
+    return expand("results/{experiment}/{dataset}/segmentation.batches/{phase}_{batch}.done",
+                  experiment=wildcards.experiment, dataset=wildcards.dataset, phase=phase,
                   batch=range(counts[level]))
 
 
@@ -157,9 +168,9 @@ def phase_done(wildcards, phase):
     phase runs in batches, else [] (one job does it all). Jobs of the next phase depend on this
     marker, not on every batch of the phase before, so the DAG has O(batches) edges, not
     O(batches^2) (10^6 blocks: 1 000 batches per phase)."""
-    if phase.startswith("level"):
-        counts = level_batches(wildcards.dataset)
-        if not 0 <= int(phase[5:]) < len(counts):
+    if hierarchy_phase(phase):
+        kind, level = hierarchy_phase(phase)
+        if not (0 if kind == "level" else 1) <= level < len(level_batches(wildcards.dataset)):
             return []
     elif batch_count(wildcards.dataset, "agglomerate") <= 1:
         return []
@@ -169,18 +180,19 @@ def phase_done(wildcards, phase):
 
 def agglo_barrier_inputs(wildcards):
     """Every batch marker of one phase (the barrier job's input)."""
-    if wildcards.phase.startswith("level"):
-        return level_markers(wildcards, int(wildcards.phase[5:]))
+    if hierarchy_phase(wildcards.phase):
+        return level_markers(wildcards, wildcards.phase)
     return batch_markers("agglomerate", "results/{experiment}/{dataset}/segmentation.batches/"
                          f"{wildcards.phase}_{{batch}}.done")(wildcards)
 
 
 def agglo_merge_inputs(wildcards):
-    """The global merge needs every edges batch and, with a hierarchy, every batch of its top
-    level (the merge then only gathers the levels' histories)."""
+    """The global merge needs every edges batch and, with a hierarchy, every batch of its
+    levels going up and of the segment ids going down to level 1 (the merge then only checks
+    that they are done)."""
     levels = len(level_batches(wildcards.dataset))
     return phase_done(wildcards, "edges") + (
-        phase_done(wildcards, f"level{levels - 1}") if levels else [])
+        phase_done(wildcards, "down1" if levels > 1 else f"level{levels - 1}") if levels else [])
 
 
 def agglo_phase_inputs(wildcards):
@@ -188,8 +200,11 @@ def agglo_phase_inputs(wildcards):
     neighbouring blocks' fragments and the global id offsets; a hierarchy level, the level
     below or the edges; relabel needs the global merge), through that phase's one marker."""
     batches = "results/{experiment}/{dataset}/segmentation.batches"
-    if wildcards.phase.startswith("level"):
-        level = int(wildcards.phase[5:])
+    if hierarchy_phase(wildcards.phase):
+        kind, level = hierarchy_phase(wildcards.phase)
+        if kind == "down":  # from the root's level down: after the level above
+            top = len(level_batches(wildcards.dataset)) - 1
+            return phase_done(wildcards, f"level{top}" if level == top else f"down{level + 1}")
         return phase_done(wildcards, "edges" if level == 0 else f"level{level - 1}")
     if wildcards.phase == "edges":
         return phase_done(wildcards, "fragments")
