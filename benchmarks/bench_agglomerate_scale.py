@@ -9,10 +9,12 @@ watershed in tiles of 128 (waterz's 3-D watershed makes a fragment every few vox
 noisy affinities); block 64 x 128 x 128; thresholds 0.3 / 0.5 / 0.7; the default stitching
 across tile edges (``stitch_threshold: 0.5``) for both.
 
-Prints per size and run: fragments, the wall time and peak RSS of each step (fragments, edges,
-merge levels, segment ids down, relabel; RSS sampled every 20 ms) and the peak RSS of the process
-(the Dask scheduler runs threads in that process, so it is the largest single process); for the
-octree also the largest node of every level (edges it merged, residual edges it passed up), which
+The block and node tasks run in a pool of 2 worker processes (Dask's ``processes`` scheduler),
+as on a cluster, where the job that runs the stage is a client and every task runs in a worker.
+Prints per size and run: fragments, the wall time and the largest worker's peak RSS of each step
+(fragments, edges, merge levels, segment ids down, relabel; sampled every 20 ms), and the peak
+RSS of the largest single process (the client's or a worker's); for the octree also the largest
+node of every level (edges it merged, residual edges it passed up, from the nodes' files), which
 is what the top levels' memory follows. Then the growth of peak RSS and of time per voxel from
 the second size to the largest, and a projection to 10^12 voxels from the measured per-block
 figures of the largest run. Both runs' segmentations are compared (they must be identical).
@@ -77,64 +79,74 @@ def make(work: Path, n: int, seed: int = 0) -> None:
         a[:, z0:z1] = np.rint(aff * 255).astype(np.uint8)
 
 
-def rss_gb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096 / 2**30
+def rss_gb(pid: int | str = "self") -> float:
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * 4096 / 2**30
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
 
 
 def agglomerate(work: Path, hierarchy) -> dict:
+    """One end-to-end run, its block tasks in a pool of 2 worker processes (as on a cluster,
+    where every task runs in a worker): wall time and peak RSS per step of the client (this
+    process) and of the largest worker, sampled every 20 ms; for the octree, the largest node
+    of every level from the nodes' own files."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    import dask
+    import zarr
+
     from tokenunify.agglomerate import AgglomerateConfig, run
     from tokenunify.agglomerate import blockwise as bw
-    from tokenunify.agglomerate import levels as lv
 
     cfg = AgglomerateConfig(block=BLOCK, thresholds=(0.3, 0.5, 0.7), tile=128, context=16,
-                            hierarchy=hierarchy, workers=2)
+                            hierarchy=hierarchy, workers=2, scheduler="processes")
+    pool = ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"))
+    pool.submit(int).result()  # the workers started before anything is timed
     steps: dict = {}
     peaks: dict = {}
-    peak = [0.0]
+    peak = {"client": 0.0, "worker": 0.0}
 
     def sample():
         while True:
-            peak[0] = max(peak[0], rss_gb())
+            peak["client"] = max(peak["client"], rss_gb())
+            peak["worker"] = max([peak["worker"]] + [rss_gb(p) for p in list(pool._processes)])
             time.sleep(0.02)
 
     threading.Thread(target=sample, daemon=True).start()
     compute = bw._compute
 
     def timed(tasks, cfg, desc, client=None):
-        peak[0] = rss_gb()
+        peak["client"], peak["worker"] = rss_gb(), 0.0
         t0 = time.perf_counter()
         compute(tasks, cfg, desc, client)
         steps[desc] = steps.get(desc, 0.0) + time.perf_counter() - t0
-        peaks[desc] = max(peaks.get(desc, 0.0), peak[0])
+        old = peaks.get(desc, (0.0, 0.0))
+        peaks[desc] = (max(old[0], peak["client"]), max(old[1], peak["worker"]))
 
     bw._compute = timed
+    out = work / f"seg_{'h' if hierarchy else 'flat'}.zarr"
     nodes: dict = {}  # level -> [edges merged, residual edges] of its largest node
-    merge_frames, node_task = lv.merge_frames, lv.node_task
-    seen = threading.local()
-
-    def counted_merge(df, *a, **k):
-        merges, rdf, rh = merge_frames(df, *a, **k)
-        big = nodes.setdefault(seen.level, [0, 0])
-        big[0], big[1] = max(big[0], len(df)), max(big[1], len(rdf))
-        return merges, rdf, rh
-
-    def counted_node(work, level, *a, **k):
-        seen.level = level
-        return node_task(work, level, *a, **k)
-
-    lv.merge_frames, lv.node_task = counted_merge, counted_node
-    t0 = time.perf_counter()
-    out = run(work / "affinities.zarr", work / f"seg_{'h' if hierarchy else 'flat'}.zarr", cfg)
-    total = time.perf_counter() - t0
-    import zarr
-
+    with dask.config.set(pool=pool):
+        t0 = time.perf_counter()
+        stage = run(work / "affinities.zarr", out, cfg, phase="merge")
+        for f in (stage / ".work" / "levels").glob("*.merges.npz"):
+            with np.load(f) as z:
+                big = nodes.setdefault(int(f.name.split("_")[0]), [0, 0])
+                big[0], big[1] = max(big[0], int(z["edges"])), max(big[1], int(z["residual"]))
+        t_nodes = time.perf_counter() - t0
+        out = run(work / "affinities.zarr", out, cfg)
+        total = time.perf_counter() - t0
+    pool.shutdown()
     root = zarr.open_group(str(out), mode="r")
     n_frag = int(root["graph"].attrs["n_fragments"])
+    client = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    worker = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
     return {"seconds": total, "steps": steps, "peaks": peaks, "nodes": nodes,
-            "fragments": n_frag,
-            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-            "out": str(out)}
+            "fragments": n_frag, "client_gb": client, "worker_gb": worker,
+            "peak_rss_gb": max(client, worker), "node_scan_s": t_nodes, "out": str(out)}
 
 
 def spawn(*args) -> dict:
@@ -178,11 +190,12 @@ def main() -> int:
             ok = same(flat["out"], hier["out"])
             for name, r in (("flat", flat), ("octree", hier)):
                 st = " ".join(f"{k.replace('merge level ', 'L').replace('segment ids down level ', 'D')}"
-                              f"={v:.1f}s/{r['peaks'][k]:.2f}GB" for k, v in r["steps"].items())
+                              f"={v:.1f}s/{r['peaks'][k][1]:.2f}GB" for k, v in r["steps"].items())
                 st += f" other={r['seconds'] - sum(r['steps'].values()):.1f}s"
                 print(f"{n}^3 {name:6s} fragments {r['fragments']:>9} total {r['seconds']:8.1f} s"
-                      f"  peak RSS {r['peak_rss_gb']:.2f} GB  [{st}]  (volume written in "
-                      f"{made:.0f} s)", flush=True)
+                      f"  peak RSS: largest process {r['peak_rss_gb']:.2f} GB (client "
+                      f"{r['client_gb']:.2f}, largest worker {r['worker_gb']:.2f})  [step=time/"
+                      f"largest worker: {st}]  (volume written in {made:.0f} s)", flush=True)
             print(f"{n}^3 octree largest node per level (edges merged / residual passed up): "
                   + ", ".join(f"L{k} {e}/{r}" for k, (e, r) in sorted(hier["nodes"].items())),
                   flush=True)

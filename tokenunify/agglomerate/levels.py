@@ -31,7 +31,8 @@ u < v), ``k0, k1`` (the key: the smallest contracted fragment pair among the edg
 ``NAME.hist.parquet`` (``k0, k1, bin, n``); ``NAME.raw.parquet``: raw edges (``u, v`` original
 fragments, ``count, sum, max, cut_count, cut_sum``; ``NAME.rawhist.parquet`` with per-sample
 histograms); ``NAME.groups.parquet``: (``fragment, rep``); ``NAME.merges.npz``: the merges, the
-completed groups, the exported ids and their smallest fragment ids per threshold.
+completed groups, the exported ids and their smallest fragment ids per threshold, and the
+number of edges the node merged and passed up (what its memory follows).
 
 Segment ids then go down (:func:`down_task`, one per node of level >= 1 from the root, writing
 ``down/CHILD.npz``; the leaves are resolved by the relabel tasks, :func:`leaf_ids`), so that no
@@ -445,7 +446,8 @@ def node_task(work: str, level: int, node, grids, fanout, frag_blocks: FragmentB
     np.savez(str(base) + ".merges.npz", u=joins.u.astype(np.uint64), v=joins.v.astype(np.uint64),
              level=joins.level, pre_fragment=joins.pre_fragment.astype(np.uint64),
              pre_rep=joins.pre_rep.astype(np.uint64), exported=exported,
-             mins=exported_mins(joins, thresholds, child_ids, child_mins))
+             mins=exported_mins(joins, thresholds, child_ids, child_mins),
+             edges=len(df), residual=len(rdf))  # the node's size, for its memory
     rdf.to_parquet(str(base) + ".parquet")  # written last: its presence means done
     log.debug("level %d node %s: %d edges, %d carried up raw, %d merges, %d residual", level,
               node, len(df), len(carry), len(merges), len(rdf))
