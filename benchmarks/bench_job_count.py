@@ -12,7 +12,7 @@ A volume of 10^5 blocks (3200 x 10240 x 6400) or 10^6 blocks (3200 x 25600 x 256
   holding all the blocks).
 
 Prints the jobs per rule and the total of each plan, its dry-run time, and the ratio of jobs to
-blocks. Exit 1 if a batched plan has more than 1 job per 100 blocks.
+blocks. Exit 1 if the batched plan has more than 1 job per 100 blocks.
 
     .venv/bin/python benchmarks/bench_job_count.py                         # 10^5, + unbatched
     .venv/bin/python benchmarks/bench_job_count.py --blocks 1e6 --hierarchy  # 10^6 blocks
@@ -84,7 +84,9 @@ def main() -> int:
         totals["unbatched"] = plan(base / "b", shape, None)["total"]
     print(f"SUMMARY {blocks} blocks, 2 experiments: " + ", ".join(
         f"{k} {v} jobs ({v / blocks:.5f} per block)" for k, v in totals.items()))
-    bounded = all(v <= blocks / 100 for k, v in totals.items() if k != "unbatched")
+    # the bound is the batched plan's; the hierarchy adds one job per batch of nodes at every
+    # level going up and (from level 1) going down, about 1.3 per 1000 blocks for an octree
+    bounded = totals["batched"] <= blocks / 100
     return 0 if bounded else 1
 
 
