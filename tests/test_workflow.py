@@ -307,6 +307,38 @@ def test_job_count_of_a_volume_of_100_000_blocks_is_bounded(tmp_path):
     assert counts["total"] == 5 + 2 * (2 + sum(per_exp.values())) == 823
 
 
+def test_job_count_with_a_hierarchy_has_every_level_up_and_down(tmp_path):
+    """The same 100 000-block volume with agglomerate.hierarchy [2, 2, 2]: besides the three
+    blockwise phases, one job per batch of up to 1000 nodes for every level going up (level0 to
+    level7: node grids 100x40x25, 50x20x13, 25x10x7, 13x5x4, 7x3x2, 4x2x1, 2x1x1, 1x1x1 ->
+    100, 13, 2, 1, 1, 1, 1, 1 batches) and going down (down7 to down1: 20 batches), and a
+    barrier per phase; the merge waits on down1."""
+    g = zarr.open_group(str(tmp_path / "big.zarr"), mode="w")
+    for name, dtype in (("raw", "uint8"), ("labels", "uint64")):
+        g.create_array(name, shape=(3200, 10240, 6400), chunks=(64, 512, 512), dtype=dtype)
+    g["labels"][:1, :1, :1] = 1
+    cfg = {"datasets": {"big": {"raw": {"source": "big.zarr", "key": "raw"},
+                                "labels": {"source": "big.zarr", "key": "labels"},
+                                "voxel_size": [40, 8, 8], "roles": ["pretrain", "train", "test"]}},
+           "experiments": {"tokenunify": {"pretraining": "tokenunify"}},
+           "infer": {"block": [32, 256, 256], "batch_blocks": 1000},
+           "agglomerate": {"block": [32, 256, 256], "batch_blocks": 1000,
+                           "hierarchy": [2, 2, 2]}}
+    write_config(tmp_path, cfg)
+    proc = snakemake(tmp_path, "-n", "-p")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    counts = {k: int(v) for k, v in re.findall(r"^(\w+)\s+(\d+)$", out, flags=re.M)}
+    assert counts["agglomerate_phase"] == 300 + 120 + 20, counts
+    assert counts["agglomerate_barrier"] == 2 + 8 + 7, counts
+    phases = re.findall(r"--phase (\w+) --batch (\d+)", out)
+    per_phase = {}
+    for phase, _ in phases:
+        per_phase[phase] = per_phase.get(phase, 0) + 1
+    assert {k: v for k, v in per_phase.items() if k.startswith("down")} == {
+        "down1": 13, "down2": 2, "down3": 1, "down4": 1, "down5": 1, "down6": 1, "down7": 1}
+
+
 def test_seeded_ablation_through_the_workflow(tmp_path):
     """The ablation's shape on tiny data: 2 experiments x 2 seeds. The runs carry the seed in
     their paths and train with it; the report's mean ± sd and paired comparison equal the
