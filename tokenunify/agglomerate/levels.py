@@ -206,18 +206,19 @@ def _block_graph(edges_dir: Path, idx, grid, scoring: Scoring, n_fragments: int
     return e, (pd.concat(hists, ignore_index=True) if hists else None)
 
 
-def merge_frames(df: pd.DataFrame, hist: pd.DataFrame | None, frozen: set, scoring: Scoring,
+def merge_frames(df: pd.DataFrame, hist: pd.DataFrame | None, frozen, scoring: Scoring,
                  max_threshold: float, engine: str = "auto"
                  ) -> tuple[list, pd.DataFrame, pd.DataFrame | None]:
     """:func:`~tokenunify.agglomerate.merge.merge_node` on a level table: (merges, residual
     table, residual histograms). Runs the compiled kernel (``merge_cpu.cpp``, the same one as
-    the global merge) unless it is unavailable or ``engine`` is 'python'. ``frozen`` is read,
-    not updated."""
+    the global merge) unless it is unavailable or ``engine`` is 'python'. ``frozen`` (the
+    frozen segment ids, a set or an int64 array) is read, not updated."""
     from tokenunify.agglomerate.merge import compiled_extension
 
     ext = None if engine == "python" else compiled_extension()
     if ext is None or len(df) == 0:
-        merges, residual = merge_node(_from_frames(df, hist, scoring), frozen, scoring,
+        hot = set(frozen) if isinstance(frozen, set) else set(np.asarray(frozen).tolist())
+        merges, residual = merge_node(_from_frames(df, hist, scoring), hot, scoring,
                                       max_threshold)
         rdf, rh = _to_frames(residual, scoring)
         return merges, rdf, rh
@@ -232,7 +233,8 @@ def merge_frames(df: pd.DataFrame, hist: pd.DataFrame | None, frozen: set, scori
                                            df["v"].to_numpy(np.int64)]), return_inverse=True)
     u, v = local[:len(df)] + 1, local[len(df):] + 1  # order kept: seg is sorted
     n = len(seg)
-    hot = np.fromiter(frozen, np.int64, len(frozen)) if frozen else np.zeros(0, np.int64)
+    hot = (np.fromiter(frozen, np.int64, len(frozen)) if isinstance(frozen, set)
+           else np.asarray(frozen, np.int64))
     hot = hot[np.isin(hot, seg)]
     mask = np.zeros(n + 1 if len(hot) else 0, np.uint8)  # empty: nothing frozen, no checks
     if len(hot):
@@ -412,7 +414,7 @@ def node_task(work: str, level: int, node, grids, fanout, frag_blocks: FragmentB
         df = pd.concat([state, df[state.columns]], ignore_index=True)
         h = pd.concat([x for x in (state_h, h) if x is not None], ignore_index=True) \
             if h is not None or state_h is not None else None
-    frozen = set(rep_u[~ready].tolist()) | set(rep_v[~ready].tolist())
+    frozen = np.union1d(rep_u[~ready], rep_v[~ready])
     merges, rdf, rh = merge_frames(df, h, frozen, scoring, max(thresholds))
     # groups the parent needs: every member of an open group, and the members that carried
     # edges name; groups completed here go into the history's stitched representatives
