@@ -12,12 +12,13 @@ across tile edges (``stitch_threshold: 0.5``) for both.
 The block and node tasks run in a pool of 2 worker processes (Dask's ``processes`` scheduler),
 as on a cluster, where the job that runs the stage is a client and every task runs in a worker.
 Prints per size and run: fragments, the wall time and the largest worker's peak RSS of each step
-(fragments, edges, merge levels, segment ids down, relabel; sampled every 20 ms), and the peak
-RSS of the largest single process (the client's or a worker's); for the octree also the largest
-node of every level (edges it merged, residual edges it passed up, from the nodes' files), which
-is what the top levels' memory follows. Then the growth of peak RSS and of time per voxel from
-the second size to the largest, and a projection to 10^12 voxels from the measured per-block
-figures of the largest run. Both runs' segmentations are compared (they must be identical).
+(fragments, edges, merge levels, segment ids down, relabel; the kernel's VmHWM, reset at each
+step), and the peak RSS of the largest single process (the client's or a worker's); for the
+octree also the largest node of every level (edges it merged, residual edges it passed up,
+from the nodes' files), which is what the top levels' memory follows. Then the growth of peak
+RSS and of time per voxel from the second size to the largest, and a projection to 10^12 voxels
+from the measured per-block figures of the largest run. Both runs' segmentations are compared
+(they must be identical).
 
     python benchmarks/bench_agglomerate_scale.py --sizes 128 256     # quick
     python benchmarks/bench_agglomerate_scale.py                     # up to 1024^3 (hours)
@@ -27,12 +28,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -79,19 +78,26 @@ def make(work: Path, n: int, seed: int = 0) -> None:
         a[:, z0:z1] = np.rint(aff * 255).astype(np.uint8)
 
 
-def rss_gb(pid: int | str = "self") -> float:
+def hwm_gb(pid: int | str = "self", reset: bool = False) -> float:
+    """Peak RSS (VmHWM) of a process since it started or since its last reset (GB); with
+    ``reset``, read and start a new peak ("5" into clear_refs). ru_maxrss is not used: Linux
+    carries it across exec, so a child would report at least its parent's RSS at the fork."""
     try:
-        with open(f"/proc/{pid}/statm") as f:
-            return int(f.read().split()[1]) * 4096 / 2**30
-    except (FileNotFoundError, ProcessLookupError):
+        with open(f"/proc/{pid}/status") as f:
+            kb = next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM"))
+        if reset:
+            with open(f"/proc/{pid}/clear_refs", "w") as f:
+                f.write("5")
+        return kb / 2**20
+    except (FileNotFoundError, ProcessLookupError, PermissionError, StopIteration):
         return 0.0
 
 
 def agglomerate(work: Path, hierarchy) -> dict:
     """One end-to-end run, its block tasks in a pool of 2 worker processes (as on a cluster,
-    where every task runs in a worker): wall time and peak RSS per step of the client (this
-    process) and of the largest worker, sampled every 20 ms; for the octree, the largest node
-    of every level from the nodes' own files."""
+    where every task runs in a worker): wall time per step, and the peak RSS (VmHWM, reset at
+    each step) of the client (this process) and of the largest worker; for the octree, the
+    largest node of every level from the nodes' own files."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -107,24 +113,23 @@ def agglomerate(work: Path, hierarchy) -> dict:
     pool.submit(int).result()  # the workers started before anything is timed
     steps: dict = {}
     peaks: dict = {}
-    peak = {"client": 0.0, "worker": 0.0}
+    overall = {"client": 0.0, "worker": 0.0}
 
-    def sample():
-        while True:
-            peak["client"] = max(peak["client"], rss_gb())
-            peak["worker"] = max([peak["worker"]] + [rss_gb(p) for p in list(pool._processes)])
-            time.sleep(0.02)
+    def reset() -> None:  # fold the peaks so far into the overall ones, start new ones
+        overall["client"] = max(overall["client"], hwm_gb(reset=True))
+        for p in list(pool._processes):
+            overall["worker"] = max(overall["worker"], hwm_gb(p, reset=True))
 
-    threading.Thread(target=sample, daemon=True).start()
     compute = bw._compute
 
     def timed(tasks, cfg, desc, client=None):
-        peak["client"], peak["worker"] = rss_gb(), 0.0
+        reset()
         t0 = time.perf_counter()
         compute(tasks, cfg, desc, client)
         steps[desc] = steps.get(desc, 0.0) + time.perf_counter() - t0
+        worker = max([hwm_gb(p) for p in list(pool._processes)] + [0.0])
         old = peaks.get(desc, (0.0, 0.0))
-        peaks[desc] = (max(old[0], peak["client"]), max(old[1], peak["worker"]))
+        peaks[desc] = (max(old[0], hwm_gb()), max(old[1], worker))
 
     bw._compute = timed
     out = work / f"seg_{'h' if hierarchy else 'flat'}.zarr"
@@ -139,14 +144,13 @@ def agglomerate(work: Path, hierarchy) -> dict:
         t_nodes = time.perf_counter() - t0
         out = run(work / "affinities.zarr", out, cfg)
         total = time.perf_counter() - t0
+    reset()
     pool.shutdown()
     root = zarr.open_group(str(out), mode="r")
     n_frag = int(root["graph"].attrs["n_fragments"])
-    client = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    worker = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
     return {"seconds": total, "steps": steps, "peaks": peaks, "nodes": nodes,
-            "fragments": n_frag, "client_gb": client, "worker_gb": worker,
-            "peak_rss_gb": max(client, worker), "node_scan_s": t_nodes, "out": str(out)}
+            "fragments": n_frag, "client_gb": overall["client"], "worker_gb": overall["worker"],
+            "peak_rss_gb": max(overall.values()), "node_scan_s": t_nodes, "out": str(out)}
 
 
 def spawn(*args) -> dict:
