@@ -1,6 +1,6 @@
 """Blockwise agglomeration: time vs whole-volume waterz, memory growth, the NeuroProof anchor.
 
-Three measurements, each in fresh subprocesses so that peak RSS (ru_maxrss) is the step's own:
+Three measurements, each in fresh subprocesses so that peak RSS (VmHWM, peak_rss.py) is the step's own:
 
 - ``time`` (default): a 256^3 synthetic volume (network-like affinities: labels with widened
   boundaries, 0.8 a + 0.1 + N(0, 0.1)); blockwise (block 64x128x128, 2 workers) vs whole-volume
@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from peak_rss import peak_rss_gb
 
 REPO = Path(__file__).resolve().parents[1]
 NEUROPROOF = REPO.parent / "shared" / "data" / "neuroproof_fib_medulla_250"
@@ -93,13 +93,13 @@ def agglomerate(work: Path, method: str, block, thresholds) -> dict:
 
     def recorded(tasks, cfg, desc):  # peak RSS when each blockwise step ends
         compute(tasks, cfg, desc)
-        phases[desc] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        phases[desc] = peak_rss_gb()
 
     bw._compute = recorded
     t0 = time.perf_counter()
     out = run(work / "affinities.zarr", work / f"seg_{method}.zarr", cfg)
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # before scoring
+    peak = peak_rss_gb()  # before scoring
     root = zarr.open_group(str(out), mode="r")
     labels = np.load(work / "labels.npy")
     scores = {t: evaluate(labels, root[threshold_name(t)][:]).__dict__ for t in thresholds}
@@ -116,7 +116,7 @@ def child(args) -> int:
         res = {}
     else:
         res = agglomerate(work, args.step, args.block, args.thresholds)
-    res.setdefault("peak_rss_gb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+    res.setdefault("peak_rss_gb", peak_rss_gb())
     print("RESULT " + json.dumps(res))
     return 0
 

@@ -8,8 +8,7 @@ what ``tokenunify download`` runs) on a chunked uint8 HDF5 volume of the base sh
 which reports its own peak RSS, ``VmHWM`` from ``/proc/self/status`` (so each figure is for that
 run only), and its peak right after importing the stage's modules, to show the stage's own share.
 (Not ``ru_maxrss``: on Linux a fresh child's ``ru_maxrss`` starts at the RSS its parent had when
-it forked, as the pre-``exec`` high-water mark is kept, so it would partly measure this script.
-``VmHWM`` belongs to the process image after ``exec``.)
+it forked, so it would partly measure this script; ``benchmarks/peak_rss.py``.)
 The output ``raw`` array is compared with the source, whole, for both sizes.
 
 Pass criterion: peak(big) / peak(small) <= ``--max-ratio`` (1.2) and both outputs equal their
@@ -37,11 +36,12 @@ H5_CHUNKS = (16, 256, 256)
 # Runs in a fresh interpreter: argv[1] = config, argv[2] = dataset, argv[3] = output.
 CHILD = r"""
 import json, sys
+sys.path.insert(0, sys.argv[4])
+from peak_rss import peak_rss_gb
 
 
-def hwm_kib():  # peak RSS of this process image (VmHWM), in KiB
-    with open("/proc/self/status") as f:
-        return int(next(ln for ln in f if ln.startswith("VmHWM:")).split()[1])
+def hwm_kib():  # peak RSS of this process image, in KiB
+    return peak_rss_gb() * 2**20
 
 
 import h5py, zarr, numpy  # what the download stage imports, to measure the baseline
@@ -95,7 +95,8 @@ def write_config(path: Path, name: str, h5: Path, block=BLOCK) -> None:
 
 def run_child(cfg: Path, name: str, out: Path) -> dict:
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(cfg), name, str(out)],
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(cfg), name, str(out),
+                           str(Path(__file__).parent)],
                           capture_output=True, text=True)
     wall = time.perf_counter() - t0
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]

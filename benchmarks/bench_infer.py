@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -39,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import zarr
+from peak_rss import peak_rss_gb
 
 from tokenunify import inference
 from tokenunify.data.synthetic import generate
@@ -120,7 +120,7 @@ def one_run(volume: Path, checkpoint: Path, cfg: InferConfig, out: Path) -> dict
     t0 = time.perf_counter()
     inference.run(volume, checkpoint, out, cfg)
     return {"s": time.perf_counter() - t0, "forwards": inference.FORWARDS["windows"] - before,
-            "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "rss_mb": peak_rss_gb() * 1024}
 
 
 def run_in_child(volume: Path, checkpoint: Path, cfg: InferConfig, out: Path,
