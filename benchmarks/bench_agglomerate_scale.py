@@ -166,7 +166,9 @@ def same(a: str, b: str) -> bool:
 
     ra, rb = zarr.open_group(a, mode="r"), zarr.open_group(b, mode="r")
     names = [k for k in ra.array_keys() if k.startswith("threshold_")]
-    return all(np.array_equal(ra[k][:], rb[k][:]) for k in names)
+    n = ra[names[0]].shape[0]  # slab by slab: two whole 1024^3 uint64 arrays are 16 GB
+    return all(np.array_equal(ra[k][z:z + BLOCK[0]], rb[k][z:z + BLOCK[0]])
+               for k in names for z in range(0, n, BLOCK[0]))
 
 
 def main() -> int:
