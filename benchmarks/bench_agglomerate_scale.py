@@ -213,11 +213,11 @@ def main() -> int:
         finally:
             shutil.rmtree(work, ignore_errors=True)
     if len(rows) >= 2:
-        (n0, _, h0, _), (n1, _, h1, _) = rows[1 if len(rows) > 2 else 0], rows[-1]
+        (n0, f0, h0, _), (n1, f1, h1, _) = rows[1 if len(rows) > 2 else 0], rows[-1]
         growth = h1["peak_rss_gb"] / h0["peak_rss_gb"] - 1
         tpv = (h1["seconds"] / n1 ** 3) / (h0["seconds"] / n0 ** 3) - 1
         print(f"SUMMARY octree from {n0}^3 to {n1}^3: peak RSS {growth:+.0%}, time per voxel "
-              f"{tpv:+.0%}; flat peak RSS {rows[-1][1]['peak_rss_gb'] / rows[0][1]['peak_rss_gb'] - 1:+.0%}")
+              f"{tpv:+.0%}; flat peak RSS {f1['peak_rss_gb'] / f0['peak_rss_gb'] - 1:+.0%}")
         blocks = np.prod([-(-n1 // b) for b in BLOCK])
         per_block = h1["seconds"] * 2 / blocks  # core-seconds per block (2 workers)
         big = 1e12 / np.prod(BLOCK)
