@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from peak_rss import peak_rss_gb
 
 BLOCK = (64, 128, 128)
 CELL = 24
@@ -78,21 +79,6 @@ def make(work: Path, n: int, seed: int = 0) -> None:
         a[:, z0:z1] = np.rint(aff * 255).astype(np.uint8)
 
 
-def hwm_gb(pid: int | str = "self", reset: bool = False) -> float:
-    """Peak RSS (VmHWM) of a process since it started or since its last reset (GB); with
-    ``reset``, read and start a new peak ("5" into clear_refs). ru_maxrss is not used: Linux
-    carries it across exec, so a child would report at least its parent's RSS at the fork."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            kb = next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM"))
-        if reset:
-            with open(f"/proc/{pid}/clear_refs", "w") as f:
-                f.write("5")
-        return kb / 2**20
-    except (FileNotFoundError, ProcessLookupError, PermissionError, StopIteration):
-        return 0.0
-
-
 def agglomerate(work: Path, hierarchy) -> dict:
     """One end-to-end run, its block tasks in a pool of 2 worker processes (as on a cluster,
     where every task runs in a worker): wall time per step, and the peak RSS (VmHWM, reset at
@@ -116,9 +102,9 @@ def agglomerate(work: Path, hierarchy) -> dict:
     overall = {"client": 0.0, "worker": 0.0}
 
     def reset() -> None:  # fold the peaks so far into the overall ones, start new ones
-        overall["client"] = max(overall["client"], hwm_gb(reset=True))
+        overall["client"] = max(overall["client"], peak_rss_gb(reset=True))
         for p in list(pool._processes):
-            overall["worker"] = max(overall["worker"], hwm_gb(p, reset=True))
+            overall["worker"] = max(overall["worker"], peak_rss_gb(p, reset=True))
 
     compute = bw._compute
 
@@ -127,9 +113,9 @@ def agglomerate(work: Path, hierarchy) -> dict:
         t0 = time.perf_counter()
         compute(tasks, cfg, desc, client)
         steps[desc] = steps.get(desc, 0.0) + time.perf_counter() - t0
-        worker = max([hwm_gb(p) for p in list(pool._processes)] + [0.0])
+        worker = max([peak_rss_gb(p) for p in list(pool._processes)] + [0.0])
         old = peaks.get(desc, (0.0, 0.0))
-        peaks[desc] = (max(old[0], hwm_gb()), max(old[1], worker))
+        peaks[desc] = (max(old[0], peak_rss_gb()), max(old[1], worker))
 
     bw._compute = timed
     out = work / f"seg_{'h' if hierarchy else 'flat'}.zarr"
