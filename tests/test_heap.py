@@ -1,6 +1,5 @@
-"""heap.fix_mmap_threshold: with glibc's mmap threshold fixed, freed block-sized arrays go back
-to the system; with the dynamic threshold they stay in the heap (bench_infer.py --parts rss
-measures the effect on a whole inference run)."""
+"""heap.block_task: free heap pages go back to the system when a block task ends
+(bench_infer.py --parts rss and bench_agglomerate_scale.py measure the effect on whole runs)."""
 
 from __future__ import annotations
 
@@ -9,42 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
-CHILD = r"""
-import sys
-import numpy as np
-from tokenunify.heap import fix_mmap_threshold
-if sys.argv[1] == "1":
-    assert fix_mmap_threshold()
-def rss_mib():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096 >> 20
-a = np.ones(16 << 20, np.uint8)  # mmapped; freed, it raises the dynamic threshold to 16 MiB
-del a
-arrays = []
-for i in range(40):  # 4 MiB arrays (a block task's) with 64 KiB ones that stay between them
-    arrays.append(np.ones(4 << 20, np.uint8))
-    arrays.append(np.ones(64 << 10, np.uint8))
-before = rss_mib()
-arrays = arrays[1::2]  # the 4 MiB arrays freed
-print(before, rss_mib())
-"""
-
-
-@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
-                    reason="mallopt's mmap threshold is glibc's")
-def test_fixed_threshold_returns_freed_arrays_to_the_system():
-    def run(fixed: str) -> tuple[int, int]:
-        out = subprocess.run([sys.executable, "-c", CHILD, fixed], check=True,
-                             capture_output=True, text=True).stdout
-        before, after = map(int, out.split()[-2:])
-        return before, after
-
-    before, after = run("0")
-    assert after > before - 40, "the dynamic threshold keeps the freed 160 MiB in the heap"
-    before, after = run("1")
-    assert after < before - 120, "with the threshold fixed the 160 MiB go back"
-
 
 TRIM_CHILD = r"""
 import pickle
@@ -55,8 +18,10 @@ def rss_mib():
         return int(f.read().split()[1]) * 4096 >> 20
 @heap.block_task
 def task(n):
+    a = np.ones(16 << 20, np.uint8)  # mmapped; freed, it raises glibc's mmap threshold to 16 MiB
+    del a
     arrays = []
-    for i in range(n):  # 512 KiB arrays (below the fixed 1 MiB threshold: heap memory) with
+    for i in range(n):  # 512 KiB arrays (now below the mmap threshold: heap memory) with
         arrays.append(np.ones(512 << 10, np.uint8))  # 4 KiB ones that stay between them
         arrays.append(np.ones(4 << 10, np.uint8))
     kept = arrays[1::2]

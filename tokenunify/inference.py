@@ -59,7 +59,7 @@ import zarr
 
 from tokenunify.affinities import OFFSETS
 from tokenunify.cluster import DaskConfig, batch_of, dask_client
-from tokenunify.heap import block_task, fix_mmap_threshold
+from tokenunify.heap import block_task
 from tokenunify.io.identity import Lineage, result_settings
 from tokenunify.io.locks import exclusive
 from tokenunify.io.zarrio import (
@@ -409,7 +409,6 @@ def run(volume: str | Path, checkpoint: str | Path, out: str | Path,
     """
     from tokenunify.model import checkpoint as ckpt
 
-    fix_mmap_threshold()  # here too: a local cluster's block tasks run in this process
     src = zarr.open_group(str(volume), mode="r")
     raw = src["raw"]
     require_complete(raw, "infer")
