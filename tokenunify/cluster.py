@@ -125,6 +125,15 @@ def n_batches(n_blocks: int, batch_blocks: int | None) -> int:
     return math.ceil(n_blocks / batch_blocks)
 
 
+def hierarchy_phase(phase: str) -> tuple[str, int] | None:
+    """(kind, level) of a hierarchy phase name: ``levelK`` (level K going up, K >= 0) or
+    ``downK`` (the segment ids going down from level K, K >= 1); None for any other name."""
+    kind = phase.rstrip("0123456789")
+    if kind in ("level", "down") and kind != phase:
+        return kind, int(phase[len(kind):])
+    return None
+
+
 def batch_of(grid: list, batch: int | None, batch_blocks: int | None) -> list:
     """The blocks of batch ``batch`` (consecutive in ``grid``'s order); all for None."""
     if batch is None:

@@ -48,7 +48,7 @@ from tokenunify.agglomerate.graph import block_edges, reduce_edges, reduce_histo
 from tokenunify.agglomerate.merge import TIES, MergeHistory, agglomerate_graph
 from tokenunify.agglomerate.scoring import parse
 from tokenunify.agglomerate.whole_volume import waterz_segmentations
-from tokenunify.cluster import DaskConfig, batch_of, dask_client
+from tokenunify.cluster import DaskConfig, batch_of, dask_client, hierarchy_phase
 from tokenunify.heap import block_task
 from tokenunify.io.identity import Lineage, result_settings
 from tokenunify.io.locks import exclusive
@@ -484,12 +484,10 @@ def run(affinities: str | Path, out: str | Path, cfg: AgglomerateConfig | None =
     into the staging folder, and returns its path; without ``phase`` everything left is done
     and ``out`` is committed."""
     cfg = cfg or AgglomerateConfig()
-    level = None
-    kind = phase.rstrip("0123456789") if phase is not None else None
-    if kind in ("level", "down") and phase != kind:
+    kind, level = (hierarchy_phase(phase) if phase is not None else None) or (None, None)
+    if kind is not None:
         if cfg.hierarchy is None:
             raise ValueError(f"agglomerate phase {phase!r} needs agglomerate.hierarchy")
-        level = int(phase[len(kind):])
     elif phase is not None and (phase not in PHASES or cfg.method != "blockwise"):
         raise ValueError(f"agglomerate phase {phase!r}: phases {list(PHASES)} (and levelK, "
                          f"downK with agglomerate.hierarchy) exist for method blockwise only "

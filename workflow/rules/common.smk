@@ -6,7 +6,7 @@ from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
-from tokenunify.cluster import block_count, n_batches, planned_shape
+from tokenunify.cluster import block_count, hierarchy_phase, n_batches, planned_shape
 from tokenunify.config import ConfigError, check_config, validate_config
 from tokenunify.runs import run_of, runs, stage_settings
 
@@ -140,15 +140,6 @@ def level_batches(dataset):
     grid0 = tuple(-(-n // b) for n, b in zip(shape, agg["block"]))
     return [n_batches(g[0] * g[1] * g[2], agg["batch_blocks"])
             for g in level_grids(grid0, agg["hierarchy"])]
-
-
-def hierarchy_phase(phase):
-    """(kind, level) of a hierarchy phase: levelK (going up, K >= 0) or downK (the segment ids
-    going down, K >= 1); None for the other phases."""
-    kind = phase.rstrip("0123456789")
-    if kind in ("level", "down") and kind != phase:
-        return kind, int(phase[len(kind):])
-    return None
 
 
 def level_markers(wildcards, phase):
