@@ -31,9 +31,8 @@
 // heap of 24-byte entries) spent ~25 % in hash erases, ~30 % in the heap and ~20 % in
 // histogram merging. What is left is a chain of dependent cache misses per merge: the hash
 // probe, the first touch of each moved edge, the popped edge's regions. Scores are computed in
-// double with the same
-// operations as the Python code (no fast-math), so the popped order, and therefore the merge
-// history, is identical.
+// double with the same operations as the Python code (no fast-math), so the popped order, and
+// therefore the merge history, is identical.
 #include <torch/extension.h>
 
 #include <algorithm>
