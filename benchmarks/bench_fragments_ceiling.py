@@ -49,7 +49,7 @@ def test_labels(tmp: Path, z0: int, z1: int, name: str = "groundtruth") -> np.nd
         shutil.copyfileobj(f, g)
     with h5py.File(tmp / f"{name}.h5") as f:
         stack, table = f["stack"][z0:z1], f["transforms"][:]
-    lut = np.zeros(int(stack.max()) + 1, np.uint64)
+    lut = np.zeros(max(int(stack.max()), int(table[:, 0].max())) + 1, np.uint64)
     lut[table[:, 0]] = table[:, 1]
     return lut[stack]
 

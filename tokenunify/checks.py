@@ -44,11 +44,13 @@ def setting_problems(config: dict) -> list[str]:
         out.append(f"agglomerate.block {list(agg['block'])}: y and x must be multiples of "
                    f"agglomerate.tile ({agg['tile']}) with agglomerate.method blockwise (not "
                    f"on axis {_axes(bad)}), so that fragments do not depend on the block grid")
-    if agg["method"] == "blockwise" and agg["fragments"] == "waterz" \
+    # every fragments method but the per-section one works in 3-D tiles
+    if agg["method"] == "blockwise" and agg["fragments"] != "maxima_distance" \
             and agg["block"][0] % agg["tile_z"]:
         out.append(f"agglomerate.block {list(agg['block'])}: z must be a multiple of "
-                   f"agglomerate.tile_z ({agg['tile_z']}) with agglomerate.fragments waterz "
-                   "(3-D tiles), so that fragments do not depend on the block grid")
+                   f"agglomerate.tile_z ({agg['tile_z']}) with agglomerate.fragments "
+                   f"{agg['fragments']} (3-D tiles), so that fragments do not depend on the "
+                   "block grid")
     return out
 
 

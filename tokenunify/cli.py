@@ -132,8 +132,9 @@ def cmd_finetune(args) -> None:
     cfg, spec = _stage_config(args)
     _, full = _experiment(cfg, spec, args.experiment)
     # validation merges as the agglomerate stage will
-    scoring = full.get("agglomerate", {}).get("scoring", defaults("agglomerate")["scoring"])
-    fcfg = _stage(FinetuneConfig, "finetune", cfg, spec, scoring=scoring)
+    agg = {**defaults("agglomerate"), **full.get("agglomerate", {})}
+    fcfg = _stage(FinetuneConfig, "finetune", cfg, spec, scoring=agg["scoring"],
+                  fragments=agg["fragments"])
     if _relaunch_under_torchrun(args.nproc, fcfg.nproc):
         return
     run(args.pretrained, args.train, args.validate, args.out, args.experiment, fcfg)

@@ -162,11 +162,12 @@ def test_random_bytes_are_not_a_torch_checkpoint(data, tmp_path):
 
 def test_validation_merges_with_the_agglomerate_scoring(data):
     """Validation picks the checkpoint with the merge the segmentation will use: its VOI is
-    waterz's own result with ``cfg.scoring``, and
-    the CLI takes that scoring from ``agglomerate.scoring``."""
+    waterz's own result with ``cfg.scoring`` from ``cfg.fragments`` (waterz's watershed, the
+    seeded watershed in 3-D, the per-section one), as the CLI takes them from ``agglomerate``."""
     import waterz
 
     from tokenunify import metrics
+    from tokenunify.agglomerate.fragments import distance_fragments, whole_volume_fragments
     from tokenunify.inference import InferConfig, predict_block
     from tokenunify.train.finetune import validate
 
@@ -176,13 +177,18 @@ def test_validation_merges_with_the_agglomerate_scoring(data):
     labels = g["labels"][:]
     aff = predict_block(g["raw"], net, tuple(slice(0, s) for s in labels.shape),
                         InferConfig(window=(16, 64, 64), overlap=(8, 32, 32), batch_size=2))[:3]
-    scorings = ("OneMinus<MeanAffinity<RegionGraphType, ScoreValue>>",
-                "OneMinus<HistogramQuantileAffinity<RegionGraphType, 85, ScoreValue, 256>>")
+    aff = np.ascontiguousarray(aff)
+    mean = "OneMinus<MeanAffinity<RegionGraphType, ScoreValue>>"
+    q85 = "OneMinus<HistogramQuantileAffinity<RegionGraphType, 85, ScoreValue, 256>>"
+    cases = [(mean, "waterz", None), (q85, "waterz", None),
+             (mean, "maxima_distance_3d", distance_fragments(aff).astype(np.uint64)),
+             (q85, "maxima_distance", whole_volume_fragments(aff, tile=None))]
     got = []
-    for scoring in scorings:
-        cfg = FinetuneConfig(crop=(16, 64, 64), thresholds=(0.5,), scoring=scoring)
-        seg = next(iter(waterz.agglomerate(np.ascontiguousarray(aff), [0.5],
-                                           scoring_function=scoring)))
+    for scoring, fragments, frag in cases:
+        cfg = FinetuneConfig(crop=(16, 64, 64), thresholds=(0.5,), scoring=scoring,
+                             fragments=fragments)
+        seg = next(iter(waterz.agglomerate(aff, [0.5], scoring_function=scoring,
+                                           fragments=None if frag is None else frag.copy())))
         want = metrics.evaluate(labels, seg.astype(np.uint64)).voi
         got.append(validate(net, [data / "val.zarr"], cfg)["val_voi"])
-        assert got[-1] == pytest.approx(want, abs=1e-9), scoring
+        assert got[-1] == pytest.approx(want, abs=1e-9), (scoring, fragments)

@@ -77,9 +77,10 @@ class AgglomerateConfig:
 
     thresholds: merge thresholds in [0, 1]. scoring: waterz scoring function. method:
     'blockwise' or 'waterz' (whole volume). fragments: 'maxima_distance' (official seeded
-    watershed per section) or 'waterz' (waterz's 3-D watershed on the affinity graph; blockwise
-    in 3-D tiles of tile_z sections). tile, context: fragment tile edge (y and x) and context
-    (voxels; y and x, and z for 3-D tiles). tile_z: depth of 3-D tiles (fragments 'waterz').
+    watershed per section), 'waterz' (waterz's 3-D watershed on the affinity graph) or
+    'maxima_distance_3d' (the seeded watershed in 3-D); the 3-D ones blockwise in 3-D tiles of
+    tile_z sections. tile, context: fragment tile edge (y and x) and context
+    (voxels; y and x, and z for 3-D tiles). tile_z: depth of 3-D tiles.
     block: (z, y, x) voxels per task; y and x multiples of tile (z of tile_z for 3-D tiles).
     workers: parallel tasks. scheduler: local Dask scheduler, 'threads', 'processes' or
     'synchronous'. dask: the cluster (:class:`tokenunify.cluster.DaskConfig`; with ``local`` the
@@ -126,13 +127,15 @@ class AgglomerateConfig:
                 raise ValueError("agglomerate.hierarchy works with method 'blockwise' only")
         if self.method == "blockwise" and self.block[0] % self.tile_depth:
             raise ValueError(f"agglomerate.block {list(self.block)}: z must be a multiple of "
-                             f"agglomerate.tile_z ({self.tile_z}) with fragments 'waterz', so "
+                             f"agglomerate.tile_z ({self.tile_z}) with fragments "
+                             f"'{self.fragments}' (3-D tiles), so "
                              f"that fragments do not depend on the block grid")
 
     @property
     def tile_depth(self) -> int:
-        """Sections per fragment tile: tile_z for 3-D tiles (fragments 'waterz'), else 1."""
-        return self.tile_z if self.fragments == "waterz" else 1
+        """Sections per fragment tile: tile_z for 3-D tiles (fragments 'waterz' or
+        'maxima_distance_3d'), else 1."""
+        return self.tile_z if self.fragments in fr.VOLUME_FRAGMENTS else 1
 
 
 def read_affinities(path: str | Path) -> tuple[zarr.Array, float]:
@@ -163,7 +166,8 @@ def _float(a: np.ndarray, scale: float) -> np.ndarray:
 
 
 @block_task
-def _fragments_task(aff_path, scale, out, work, idx, box, tile, context, tile_z=1):
+def _fragments_task(aff_path, scale, out, work, idx, box, tile, context, tile_z=1,
+                    method="maxima_distance"):
     aff = zarr.open_group(aff_path, mode="r")["affinities"]
     D, H, W = aff.shape[1:]
     (zs, ys, xs) = box
@@ -178,7 +182,7 @@ def _fragments_task(aff_path, scale, out, work, idx, box, tile, context, tile_z=
                                            context)
     else:
         local, counts = fr.block_fragments_3d(a, (zs.start - z0, ys.start - y0, xs.start - x0),
-                                              core, tile, tile_z, context)
+                                              core, tile, tile_z, context, method)
     writable(zarr.open_group(out, mode="r+")["fragments_local"])[box] = local
     np.save(Path(work) / "counts" / ("_".join(map(str, idx)) + ".npy"), counts)
     mark_done(work, "fragments", idx)
@@ -310,7 +314,7 @@ class _Blockwise:
         c = self.cfg
         self._run([delayed(_fragments_task, pure=False)(self.aff_path, self.scale, self.out,
                                                        str(self.work), i, b, c.tile, c.context,
-                                                       c.tile_depth)
+                                                       c.tile_depth, c.fragments)
                   for i, b in self._todo("fragments", subset)], "fragments")
 
     def offsets(self) -> tuple[np.ndarray, int]:
@@ -511,7 +515,8 @@ def run(affinities: str | Path, out: str | Path, cfg: AgglomerateConfig | None =
     if cfg.method == "waterz":
         a = _float(aff[:], scale)
         frag = (fr.whole_volume_fragments(a, tile=None) if cfg.fragments == "maxima_distance"
-                else None)
+                else fr.distance_fragments(a).astype(np.uint64)
+                if cfg.fragments == "maxima_distance_3d" else None)  # None: waterz's own
         for t, seg in waterz_segmentations(a, cfg.thresholds, cfg.scoring, frag,
                                            cfg.discretize_queue).items():
             writable(root[threshold_name(t)])[:] = seg

@@ -7,7 +7,7 @@ import logging
 
 import numpy as np
 
-from tokenunify.agglomerate.fragments import whole_volume_fragments
+from tokenunify.agglomerate.fragments import distance_fragments, whole_volume_fragments
 from tokenunify.agglomerate.scoring import DEFAULT
 
 log = logging.getLogger(__name__)
@@ -23,8 +23,8 @@ def waterz_segmentations(aff: np.ndarray, thresholds, scoring: str = DEFAULT,
         thresholds: merge thresholds in [0, 1].
         scoring: waterz scoring-function name.
         fragments: a (z, y, x) uint64 fragment volume, ``"maxima_distance"`` (the official
-            per-section seeded watershed, whole sections), or None / ``"waterz"`` for waterz's
-            own watershed.
+            per-section seeded watershed, whole sections), ``"maxima_distance_3d"`` (the seeded
+            watershed in 3-D, whole volume), or None / ``"waterz"`` for waterz's own watershed.
         discretize_queue: waterz's queue binning (0: exact priority queue; TokenUnify: 256).
 
     Returns:
@@ -35,6 +35,8 @@ def waterz_segmentations(aff: np.ndarray, thresholds, scoring: str = DEFAULT,
     aff = np.ascontiguousarray(aff, dtype=np.float32)
     if isinstance(fragments, str) and fragments == "maxima_distance":
         fragments = whole_volume_fragments(aff, tile=None)
+    elif isinstance(fragments, str) and fragments == "maxima_distance_3d":
+        fragments = distance_fragments(aff)
     elif isinstance(fragments, str) and fragments == "waterz":
         fragments = None
     ts = sorted(float(t) for t in thresholds)

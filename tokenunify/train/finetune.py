@@ -62,6 +62,7 @@ PARTS = {"all": ("",), "mamba": (".mamba.",), "encoder": ("vit.", "encoder"),
 
 
 _DEFAULTS = defaults("finetune")
+DEFAULT_FRAGMENTS = defaults("agglomerate")["fragments"]
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,8 @@ class FinetuneConfig(OptimConfig):
     # the waterz scoring function of validation: the agglomerate stage's (``agglomerate.scoring``,
     # set by the CLI), so the checkpoint is chosen with the merge the segmentation will use
     scoring: str = DEFAULT_SCORING
+    # and its fragments (``agglomerate.fragments``, set by the CLI), whole volume
+    fragments: str = DEFAULT_FRAGMENTS
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # share of the pretrained tensors (all but the head) that must load
     min_loaded: float = _DEFAULTS["min_loaded"]
@@ -154,11 +157,10 @@ def set_trainable(model: nn.Module, part: str) -> int:
 
 def validate(model: EMmamba, volumes: list[str | Path], cfg: FinetuneConfig) -> dict:
     """Whole-volume prediction (the inference path, one block), waterz agglomeration over the
-    thresholds with ``cfg.scoring``, and VOI / ARAND against the labels (best threshold, mean
-    over volumes)."""
-    import waterz
-
+    thresholds with ``cfg.scoring`` from ``cfg.fragments`` (whole volume, not tiled), and VOI /
+    ARAND against the labels (best threshold, mean over volumes)."""
     from tokenunify import metrics
+    from tokenunify.agglomerate.whole_volume import waterz_segmentations
     from tokenunify.inference import InferConfig, predict_block
 
     was_training = model.training
@@ -175,10 +177,9 @@ def validate(model: EMmamba, volumes: list[str | Path], cfg: FinetuneConfig) -> 
         core = tuple(slice(0, s) for s in raw.shape)
         aff = predict_block(raw, model, core, icfg)[:3]
         best = None
-        segs = waterz.agglomerate(np.ascontiguousarray(aff), list(cfg.thresholds),
-                                  scoring_function=cfg.scoring)
-        for t, seg in zip(cfg.thresholds, segs, strict=True):
-            s = metrics.evaluate(labels, seg.astype(np.uint64))
+        segs = waterz_segmentations(aff, cfg.thresholds, cfg.scoring, cfg.fragments)
+        for t, seg in segs.items():
+            s = metrics.evaluate(labels, seg)
             if best is None or s.voi < best[1].voi:
                 best = (t, s)
         results.append(best)

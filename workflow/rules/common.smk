@@ -82,7 +82,7 @@ def finetune_spec(wildcards):
             "experiment": config["experiments"][run_of(config, wildcards.experiment).experiment],
             "finetune": stage_settings(config, wildcards.experiment, "finetune"),
             # validation merges as the agglomerate stage will
-            "agglomerate": {"scoring": config["agglomerate"]["scoring"]},
+            "agglomerate": {k: config["agglomerate"][k] for k in ("scoring", "fragments")},
         },
         sort_keys=True,
     )
