@@ -2,16 +2,17 @@
 
 For a fine-tuned checkpoint and a downloaded validate volume (raw and labels), this predicts the
 affinities once with the recipe's ``infer`` settings and segments them with each candidate
-fragment method and merge scoring, each at every threshold; it prints, per candidate, the best
-VOI (split, merge) and ARAND over the thresholds and the threshold that gave it, and each VOI's
-ratio to the recipe's own choice. Nothing here looks at test data: this is how the recipe's
-fragments (``waterz`` in 3-D tiles) and scoring (75 % quantile) were chosen.
+fragment method and merge scoring, each at every threshold (0.3 ... 0.95); it prints, per
+candidate, the best VOI (split, merge) and ARAND over the thresholds and the threshold that
+gave it, and each VOI's ratio to the recipe's own choice. Nothing here looks at test data:
+this is how the recipe's fragments and scoring were chosen.
 
-Candidates: waterz's 3-D watershed on the whole volume (method waterz) with the median, mean
-and 75 % quantile merges; the same fragments blockwise in 3-D tiles (the recipe's
-``agglomerate`` section) with the median and the 75 % quantile; the official per-section
-``maxima_distance`` fragments, blockwise, median; and with ``--tta``, the 8-flip test-time
-augmentation (about 8x the inference time) with whole-volume waterz and the 75 % quantile.
+Candidates: the recipe's ``agglomerate`` section as configured; the seeded watershed in 3-D
+(``maxima_distance_3d``) in 3-D tiles with the mean and median merges, without stitching and
+stitched at 0.5, and on the whole volume; waterz's 3-D watershed in 3-D tiles (stitched at 0.5)
+with the 75 % quantile and the median, and on the whole volume with the median, mean and 75 %
+quantile; the official per-section ``maxima_distance`` fragments, blockwise, median; and with
+``--tta``, the 8-flip test-time augmentation (about 8x the inference time) with the recipe's.
 
     .venv/bin/python benchmarks/bench_neuroproof_choices.py \\
         --checkpoint results/models/none/finetune/checkpoint.pt \\
@@ -45,25 +46,36 @@ REPO = Path(__file__).resolve().parents[1]
 MEDIAN = "OneMinus<HistogramQuantileAffinity<RegionGraphType, 50, ScoreValue, 256>>"
 Q75 = "OneMinus<HistogramQuantileAffinity<RegionGraphType, 75, ScoreValue, 256>>"
 MEAN = "OneMinus<MeanAffinity<RegionGraphType, ScoreValue>>"
-THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.5, 0.951, 0.05))
+THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.3, 0.951, 0.05))
 
 
 def candidates(recipe: AgglomerateConfig, tta: bool) -> list[tuple[str, bool, AgglomerateConfig]]:
     """(name, with TTA, agglomerate settings) of every candidate; the recipe's own first."""
+    tiles_3d = dataclasses.replace(recipe, fragments="maxima_distance_3d", scoring=MEAN,
+                                   stitch_threshold=None, hierarchy=None)
+    waterz_tiles = dataclasses.replace(recipe, fragments="waterz", scoring=Q75,
+                                       stitch_threshold=0.5, hierarchy=None)
     whole = dataclasses.replace(recipe, method="waterz", fragments="waterz", hierarchy=None)
     per_section = dataclasses.replace(recipe, fragments="maxima_distance", scoring=MEDIAN,
                                       stitch_threshold=0.5, hierarchy=None)
-    out = [("waterz in 3-D tiles (blockwise), 75 % quantile (the recipe)", False,
-            dataclasses.replace(recipe, scoring=Q75)),
-           ("waterz in 3-D tiles (blockwise), median", False,
-            dataclasses.replace(recipe, scoring=MEDIAN)),
+    out = [("the recipe's agglomerate section (maxima_distance_3d in 3-D tiles, mean, no "
+            "stitching)", False, recipe),
+           ("maxima_distance_3d in 3-D tiles, median, no stitching", False,
+            dataclasses.replace(tiles_3d, scoring=MEDIAN)),
+           ("maxima_distance_3d in 3-D tiles, mean, stitched at 0.5", False,
+            dataclasses.replace(tiles_3d, stitch_threshold=0.5)),
+           ("maxima_distance_3d whole volume, mean", False,
+            dataclasses.replace(whole, fragments="maxima_distance_3d", scoring=MEAN)),
+           ("waterz in 3-D tiles, 75 % quantile, stitched at 0.5 (the recipe until aa0847c)",
+            False, waterz_tiles),
+           ("waterz in 3-D tiles, median, stitched at 0.5", False,
+            dataclasses.replace(waterz_tiles, scoring=MEDIAN)),
            ("waterz whole volume, median", False, dataclasses.replace(whole, scoring=MEDIAN)),
            ("waterz whole volume, mean", False, dataclasses.replace(whole, scoring=MEAN)),
            ("waterz whole volume, 75 % quantile", False, dataclasses.replace(whole, scoring=Q75)),
            ("maxima_distance blockwise, median", False, per_section)]
     if tta:
-        out.append(("test-time augmentation (8 flips), waterz whole, 75 %", True,
-                    dataclasses.replace(whole, scoring=Q75)))
+        out.append(("test-time augmentation (8 flips), the recipe's", True, recipe))
     return out
 
 

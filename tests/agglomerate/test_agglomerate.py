@@ -19,6 +19,7 @@ from tokenunify.agglomerate import (
     whole_volume_fragments,
 )
 from tokenunify.agglomerate import blockwise as bw
+from tokenunify.agglomerate.fragments import distance_fragments
 from tokenunify.agglomerate.graph import block_edges
 from tokenunify.agglomerate.scoring import discretize
 from tokenunify.io.zarrio import create_volume
@@ -201,7 +202,7 @@ def test_bad_input_is_named(synthetic, tmp_path):
     assert not (tmp_path / "o.zarr").exists()
 
 
-@pytest.mark.parametrize("fragments", ["maxima_distance", "waterz"])
+@pytest.mark.parametrize("fragments", ["maxima_distance", "waterz", "maxima_distance_3d"])
 def test_method_waterz_writes_waterz_own_result(synthetic, tmp_path, fragments):
     _, path, aff = synthetic
     cfg = AgglomerateConfig(method="waterz", fragments=fragments, thresholds=THRESHOLDS)
@@ -211,19 +212,45 @@ def test_method_waterz_writes_waterz_own_result(synthetic, tmp_path, fragments):
         assert np.array_equal(root[threshold_name(t)][:], ref[t])
     if fragments == "maxima_distance":
         assert np.array_equal(root["fragments"][:], whole_volume_fragments(aff, tile=None))
+    if fragments == "maxima_distance_3d":
+        assert np.array_equal(root["fragments"][:], distance_fragments(aff))
 
 
-def test_waterz_fragments_blockwise_in_3d_tiles(synthetic, tmp_path):
-    """fragments 'waterz' blockwise: waterz's 3-D watershed per 3-D tile (fixed grid, context
-    on every side, cropped), stitched across tile faces. The result is identical for any block
-    grid, and close to waterz on the whole volume (tiles split fragments at their faces)."""
+def test_distance_fragments_3d_seeds_and_floods():
+    """maxima_distance_3d: one fragment per thick object, every voxel labelled, and the
+    membrane between two objects split between them (checked against labels)."""
+    labels = np.zeros((20, 40, 40), np.uint64)
+    labels[:, :, :19] = 1
+    labels[:, :, 19:] = 2
+    # the affinities fine-tuning trains towards (borders widened by a voxel per side)
+    aff = seg_to_affinities(widen_borders(labels, 1)).astype(np.float32)
+    frag = distance_fragments(aff)
+    assert frag.min() >= 1
+    assert evaluate(labels, frag.astype(np.uint64)).voi_merge == 0
+    assert len(np.unique(frag)) <= 8  # a few seeds per slab, not one per voxel
+    assert np.array_equal(distance_fragments(np.zeros_like(aff)), np.ones(labels.shape, np.uint32))
+
+
+@pytest.mark.parametrize("fragments, stitch", [("waterz", 0.5), ("maxima_distance_3d", None)])
+def test_3d_fragments_blockwise_in_3d_tiles(synthetic, tmp_path, fragments, stitch):
+    """3-D fragments blockwise: per 3-D tile (fixed grid, context on every side, cropped),
+    stitched across tile faces or not. The result is identical for any block grid, close to
+    waterz on the whole volume (tiles split fragments at their faces), and, for the seeded
+    watershed in 3-D, the same partition when one tile covers the volume and nothing is
+    stitched."""
     labels, path, aff = synthetic
-    whole = segment(path, tmp_path / "w.zarr", (24, 128, 128), fragments="waterz", tile_z=12)
-    blk = segment(path, tmp_path / "b.zarr", (12, 64, 64), fragments="waterz", tile_z=12)
-    ref = waterz_segmentations(aff, THRESHOLDS, fragments="waterz")
+    kw = dict(fragments=fragments, tile_z=12, stitch_threshold=stitch)
+    whole = segment(path, tmp_path / "w.zarr", (24, 128, 128), **kw)
+    blk = segment(path, tmp_path / "b.zarr", (12, 64, 64), **kw)
+    ref = waterz_segmentations(aff, THRESHOLDS, fragments=fragments)
+    one = AgglomerateConfig(block=(24, 128, 128), tile=128, tile_z=24, thresholds=THRESHOLDS,
+                            fragments=fragments, stitch_threshold=None)
+    one = zarr.open_group(str(run(path, tmp_path / "one.zarr", one)), mode="r")
     for t in THRESHOLDS:
+        if fragments == "maxima_distance_3d":  # waterz's own watershed differs by ~1e-3 VOI
+            assert evaluate(ref[t], one[threshold_name(t)][:], ignore=()).voi < 1e-9, t
         assert np.array_equal(whole[t], blk[t]), t
         assert evaluate(ref[t], whole[t]).voi < 0.1, t
         assert evaluate(labels, whole[t]).voi < evaluate(labels, ref[t]).voi + 0.05, t
     with pytest.raises(ValueError, match=r"z must be a multiple of agglomerate.tile_z \(12\)"):
-        AgglomerateConfig(block=(8, 64, 64), tile=64, fragments="waterz", tile_z=12)
+        AgglomerateConfig(block=(8, 64, 64), tile=64, fragments=fragments, tile_z=12)
