@@ -300,14 +300,22 @@ def owned_sums(raw, checkpoint, core: tuple[slice, slice, slice], cfg: InferConf
     region = tuple(slice(int(a), int(b)) for a, b in zip(lo, end, strict=True))
     out_ch = model.config.out_channels
     acc = np.zeros((out_ch + 1, *(end - lo)), np.int64)
+    # scale is a power of two: p * (w * scale) == p * w * scale exactly, so the terms are those
+    # of a per-window product; each is rounded to an integer before it is added (the sums are
+    # then exact, whatever the order or the blocks that add them)
+    wscaled = weight * scale
+    wterm = np.rint(wscaled).astype(np.int64)
+    term = np.empty((out_ch, *cfg.window), np.float64)
     for st, p in _forward(raw, model, wins, cfg):
         b = np.minimum(np.array(st) + cfg.window, raw.shape)
         src = tuple(slice(0, int(y - x)) for x, y in zip(st, b, strict=True))
         dst = tuple(slice(int(x - a), int(y - a)) for x, y, a in zip(st, b, lo, strict=True))
-        w = weight[src]
-        acc[(slice(0, out_ch),) + dst] += np.rint(p[(slice(None),) + src] * w * scale
-                                                  ).astype(np.int64)
-        acc[(out_ch,) + dst] += np.rint(w * scale).astype(np.int64)
+        t = term[(slice(None),) + src]
+        np.multiply(p[(slice(None),) + src], wscaled[src], out=t)
+        np.rint(t, out=t)
+        part = acc[(slice(0, out_ch),) + dst]
+        np.add(part, t, out=part, casting="unsafe")  # integral float64 -> int64: exact
+        acc[(out_ch,) + dst] += wterm[src]
     return acc, region
 
 
@@ -360,17 +368,39 @@ def _blend_task(out_path: str, idx, core, cfg: InferConfig) -> float:
     return time.perf_counter() - t0
 
 
-def _run_phases(phases: list, cfg: InferConfig, client=None) -> None:
-    """Run each phase's tasks, phase after phase, on ``client``, or else on ``cfg.dask``'s
-    cluster (a LocalCluster for 'local'), started once for all phases. A phase is (function,
-    todo, leading arguments, trailing arguments, total, name): one task
-    ``function(*leading, index, core, *trailing)`` per (index, core) of todo."""
-    from distributed import Client, LocalCluster, as_completed
+def _run_in_threads(phases: list, threads: int) -> None:
+    """:func:`_run_phases` in a pool of ``threads`` threads of this process: what a one-worker
+    threaded LocalCluster does, without importing ``distributed`` and starting a scheduler
+    (about 1 s of a ~15 s run, benchmarks/bench_infer.py)."""
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
     from tqdm.auto import tqdm
 
+    with ThreadPoolExecutor(threads, thread_name_prefix="infer") as pool:
+        for fn, todo, lead, trail, total, name in phases:
+            futures = [pool.submit(fn, *lead, i, b, *trail) for i, b in todo]
+            with tqdm(total=total, initial=total - len(todo), desc=name, unit="block",
+                      disable=None) as bar:
+                for fut in as_completed(futures):
+                    fut.result()
+                    bar.update()
+
+
+def _run_phases(phases: list, cfg: InferConfig, client=None) -> None:
+    """Run each phase's tasks, phase after phase, on ``client``, or else on ``cfg.dask``'s
+    cluster (a LocalCluster for 'local', or threads of this process for one local worker),
+    started once for all phases. A phase is (function, todo, leading arguments, trailing
+    arguments, total, name): one task ``function(*leading, index, core, *trailing)`` per
+    (index, core) of todo."""
     phases = [p for p in phases if p[1]]
     if not phases:  # no cluster (and no worker jobs) when every block is done
         return
+    if client is None and cfg.dask.cluster == "local" and cfg.workers == 1:
+        _run_in_threads(phases, cfg.threads_per_worker)
+        return
+    from distributed import Client, LocalCluster, as_completed
+    from tqdm.auto import tqdm
+
     with dask_client(cfg.dask if client is None else DaskConfig(), len(phases[0][1]),
                      "infer") as started:
         own = client is None and started is None
