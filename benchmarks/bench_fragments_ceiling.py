@@ -8,7 +8,9 @@ mapped to 0.1 / 0.9, and agglomerated at t = 0.5 with each fragment method:
 - ``maxima_distance`` (the official per-section seeded watershed, our default), blockwise;
 - ``maxima_distance`` on whole sections with waterz's merge (the reference path);
 - ``waterz`` (waterz's own 3-D watershed on the affinity graph), on the whole volume and
-  blockwise in 3-D tiles (two tiles in z, 128 x 128 in y and x, stitched).
+  blockwise in 3-D tiles (two tiles in z, 128 x 128 in y and x, stitched);
+- ``maxima_distance_3d`` (the seeded watershed in 3-D) in the same 3-D tiles, not stitched,
+  merged by the mean affinity (the NeuroProof recipe's).
 
 With perfect affinities a fragment method should lose almost nothing; what it loses here is
 the best any network can reach with it. Prints VOI split / merge / total and ARAND against the
@@ -57,7 +59,8 @@ def test_labels(tmp: Path, z0: int, z1: int, name: str = "groundtruth") -> np.nd
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--widen", type=int, default=1, help="voxels per side (0: none)")
-    ap.add_argument("--z", type=int, nargs=2, default=(200, 250), help="z range (test part)")
+    ap.add_argument("--z", type=int, nargs=2, default=(200, 250),
+                    help="z range (default: the test part; labels only, no prediction)")
     ap.add_argument("--quick", action="store_true", help="z 200-220")
     args = ap.parse_args()
     if not NEUROPROOF.exists():
@@ -82,6 +85,10 @@ def main() -> int:
             "waterz 3-D watershed in 3-D tiles, blockwise": AgglomerateConfig(
                 thresholds=(0.5,), fragments="waterz", block=(gt.shape[0], 128, 128),
                 tile_z=gt.shape[0] // 2 or 1),
+            "maxima_distance_3d in 3-D tiles, mean, no stitching": AgglomerateConfig(
+                thresholds=(0.5,), fragments="maxima_distance_3d", block=(gt.shape[0], 128, 128),
+                tile_z=gt.shape[0] // 2 or 1, stitch_threshold=None,
+                scoring="OneMinus<MeanAffinity<RegionGraphType, ScoreValue>>"),
         }
         print(f"NeuroProof z {z0}-{z1}, {gt.shape}, affinities from labels widened by "
               f"{args.widen}, t = 0.5")
