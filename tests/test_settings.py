@@ -46,7 +46,7 @@ SECTIONS = {
 RUNTIME = {
     DownloadConfig: {"workers"},
     TokenizeConfig: {"workers"},
-    FinetuneConfig: {"scoring"},  # agglomerate.scoring
+    FinetuneConfig: {"scoring", "fragments"},  # agglomerate.scoring and .fragments
     AugmentConfig: {"raw_order"},
     InferConfig: {"threads_per_worker"},
 }
