@@ -6,9 +6,11 @@ run:
 
 1. overhead: ``inference.run`` wall time over the bare forward of the global grid's windows
    (each window read, normalised and forwarded once, in batches of ``batch_size``), at the
-   default block size and two others; and the redundancy: window forwards done by the run
-   over the windows of the grid (1.0 = no window predicted twice);
-2. memory: peak RSS of the whole run (one process: the local Dask cluster runs threads) at the
+   default block size and two others, ``--repeat`` times with the bare forward and the runs
+   alternated (the median ratio and its range; each ratio against the bare forward of the same
+   repetition); and the redundancy: window forwards done by the run over the windows of the
+   grid (1.0 = no window predicted twice);
+2. memory: peak RSS of the whole run (one process: one local worker runs threads) at the
    volume and at 8x the volume (2x per axis), the same block size and blocks in flight: blocks
    of half the default per axis, so that the smaller volume has 8 blocks and both runs keep
    ``threads_per_worker`` blocks in flight (with the default block the smaller volume is one
@@ -171,6 +173,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", type=int, nargs=3, default=(32, 256, 256))
     ap.add_argument("--base", action="store_true", help="also the base model's throughput")
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="overhead: repetitions of the bare forward and the runs (alternated)")
     ap.add_argument("--parts", nargs="+", default=PARTS, choices=PARTS,
                     help="which measurements (default: all)")
     args = ap.parse_args()
@@ -183,21 +187,30 @@ def main() -> int:
     b0 = cfg.block
     if "overhead" not in args.parts:
         return rest(args, tmp, shape, vol, tiny, cfg, None)
-    bare = run_in_child(vol, tiny, cfg, tmp / "unused", "bare_forward")
-    bare_s, n_windows = bare["s"], bare["windows"]
+    blocks = [b0, (b0[0], b0[1] // 2, b0[2] // 2), (b0[0] // 2, b0[1] // 2, b0[2] // 2)]
+    bares, runs = [], {i: [] for i in range(len(blocks))}
+    for rep in range(args.repeat):  # bare forward and runs alternated: load drifts hit both
+        bare = run_in_child(vol, tiny, cfg, tmp / "unused", "bare_forward")
+        bares.append(bare["s"])
+        for i, block in enumerate(blocks):
+            c = dataclasses.replace(cfg, block=tuple(int(b) for b in block))
+            runs[i].append(run_in_child(vol, tiny, c, tmp / f"aff_{rep}_{i}.zarr"))
+        print(f"repetition {rep + 1}/{args.repeat}: bare {bare['s']:.1f} s, runs "
+              + ", ".join(f"{runs[i][-1]['s']:.1f}" for i in runs) + " s", flush=True)
+    n_windows = bare["windows"]
     print(f"volume {list(shape)}, window {list(cfg.window)}, overlap {list(cfg.overlap)}: "
-          f"{n_windows} windows in the grid; bare forward {bare_s:.1f} s", flush=True)
-
-    print("\n| block | run s | overhead (run / bare) | window forwards | redundancy |")
+          f"{n_windows} windows in the grid; bare forward {np.median(bares):.1f} s (median "
+          f"of {args.repeat})")
+    print("\n| block | run s (median) | overhead: median (min-max) over repetitions | "
+          "window forwards | redundancy |")
     print("|---|---|---|---|---|")
-    runs = []
-    for block in (b0, (b0[0], b0[1] // 2, b0[2] // 2), (b0[0] // 2, b0[1] // 2, b0[2] // 2)):
-        c = dataclasses.replace(cfg, block=tuple(int(b) for b in block))
-        r = run_in_child(vol, tiny, c, tmp / f"aff_{'_'.join(map(str, block))}.zarr")
-        runs.append(r)
-        print(f"| {list(block)} | {r['s']:.1f} | {r['s'] / bare_s:.2f} | {r['forwards']} | "
-              f"{r['forwards'] / n_windows:.2f} |", flush=True)
-    return rest(args, tmp, shape, vol, tiny, cfg, runs[0])
+    for i, block in enumerate(blocks):
+        ratios = [r["s"] / b for r, b in zip(runs[i], bares, strict=True)]
+        forwards = runs[i][0]["forwards"]
+        print(f"| {list(block)} | {np.median([r['s'] for r in runs[i]]):.1f} | "
+              f"{np.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}) | {forwards} | "
+              f"{forwards / n_windows:.2f} |", flush=True)
+    return rest(args, tmp, shape, vol, tiny, cfg, runs[0][0])
 
 
 def rest(args, tmp: Path, shape, vol: Path, tiny: Path, cfg: InferConfig, timed) -> int:
