@@ -145,9 +145,9 @@ def distance_fragments(aff: np.ndarray) -> np.ndarray:
 
     This is the daisy / LSD style of fragment (seeds where objects are thickest, flooding the
     boundary map) in 3-D. Unlike the per-section method it follows z, and unlike waterz's
-    watershed (hundreds of thousands of few-voxel fragments on NeuroProof's 3.1 Mvoxel
-    parts, whose merge scores are then noise) it gives a few thousand fragments that each
-    hold one thick part of an object (benchmarks/bench_neuroproof_choices.py). Distances are in
+    watershed (about 5·10^5 fragments of a few voxels on a 3.1-Mvoxel NeuroProof part, whose
+    merge scores are then noise) it gives about a thousand there, each holding one thick part
+    of an object (benchmarks/bench_neuroproof_choices.py). Distances are in
     voxels: meant for near-isotropic volumes (FIB-SEM); on anisotropic serial sections the
     per-section ``maxima_distance`` suits better.
     """
