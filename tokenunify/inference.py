@@ -370,8 +370,8 @@ def _blend_task(out_path: str, idx, core, cfg: InferConfig) -> float:
 
 def _run_in_threads(phases: list, threads: int) -> None:
     """:func:`_run_phases` in a pool of ``threads`` threads of this process: what a one-worker
-    threaded LocalCluster does, without importing ``distributed`` and starting a scheduler
-    (about 1 s of a ~15 s run, benchmarks/bench_infer.py)."""
+    threaded LocalCluster does, without importing ``distributed`` (0.5 s in a profile of
+    benchmarks/bench_infer.py's run) and starting a scheduler."""
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
     from tqdm.auto import tqdm

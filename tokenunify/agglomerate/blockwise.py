@@ -47,7 +47,7 @@ from tokenunify.agglomerate import levels as lv
 from tokenunify.agglomerate.graph import block_edges, reduce_edges, reduce_histograms, stitch
 from tokenunify.agglomerate.merge import TIES, MergeHistory, agglomerate_graph
 from tokenunify.agglomerate.scoring import parse
-from tokenunify.agglomerate.whole_volume import waterz_segmentations
+from tokenunify.agglomerate.whole_volume import named_fragments, waterz_segmentations
 from tokenunify.cluster import DaskConfig, batch_of, dask_client, hierarchy_phase
 from tokenunify.heap import block_task
 from tokenunify.io.identity import Lineage, result_settings
@@ -514,9 +514,7 @@ def run(affinities: str | Path, out: str | Path, cfg: AgglomerateConfig | None =
             create_volume(root, "fragments_local", shape, block, np.uint32, vs, off)
     if cfg.method == "waterz":
         a = _float(aff[:], scale)
-        frag = (fr.whole_volume_fragments(a, tile=None) if cfg.fragments == "maxima_distance"
-                else fr.distance_fragments(a).astype(np.uint64)
-                if cfg.fragments == "maxima_distance_3d" else None)  # None: waterz's own
+        frag = named_fragments(a, cfg.fragments)
         for t, seg in waterz_segmentations(a, cfg.thresholds, cfg.scoring, frag,
                                            cfg.discretize_queue).items():
             writable(root[threshold_name(t)])[:] = seg

@@ -13,6 +13,20 @@ from tokenunify.agglomerate.scoring import DEFAULT
 log = logging.getLogger(__name__)
 
 
+def named_fragments(aff: np.ndarray, name: str) -> np.ndarray | None:
+    """Whole-volume fragments (z, y, x) uint64 of the ``agglomerate.fragments`` method ``name``
+    from (3, z, y, x) float32 affinities; None for ``"waterz"`` (waterz's own watershed, which
+    stays inside ``waterz.agglomerate``)."""
+    if name == "maxima_distance":
+        return whole_volume_fragments(aff, tile=None)
+    if name == "maxima_distance_3d":
+        return distance_fragments(aff).astype(np.uint64)
+    if name == "waterz":
+        return None
+    raise ValueError(f"agglomerate.fragments {name!r}: expected maxima_distance, "
+                     "maxima_distance_3d or waterz")
+
+
 def waterz_segmentations(aff: np.ndarray, thresholds, scoring: str = DEFAULT,
                          fragments: np.ndarray | str | None = "maxima_distance",
                          discretize_queue: int = 0) -> dict[float, np.ndarray]:
@@ -33,12 +47,8 @@ def waterz_segmentations(aff: np.ndarray, thresholds, scoring: str = DEFAULT,
     import waterz
 
     aff = np.ascontiguousarray(aff, dtype=np.float32)
-    if isinstance(fragments, str) and fragments == "maxima_distance":
-        fragments = whole_volume_fragments(aff, tile=None)
-    elif isinstance(fragments, str) and fragments == "maxima_distance_3d":
-        fragments = distance_fragments(aff)
-    elif isinstance(fragments, str) and fragments == "waterz":
-        fragments = None
+    if isinstance(fragments, str):
+        fragments = named_fragments(aff, fragments)
     ts = sorted(float(t) for t in thresholds)
     frag = None if fragments is None else np.array(fragments, dtype=np.uint64, copy=True)
     out = {}
