@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import zarr
 
-from tokenunify import inference
+from tokenunify import affinities, inference
 from tokenunify.inference import InferConfig, gaussian_weight, window_starts
 from tokenunify.io.zarrio import create_volume
 
@@ -55,6 +55,43 @@ def test_windows_never_read_zeros_past_the_far_faces():
         core = tuple(slice(0, n) for n in shape)
         pred = inference.predict_block(raw[core], _Echo(), core, cfg)
         np.testing.assert_allclose(pred, 0.5, atol=1e-6, err_msg=str(shape))
+
+
+class _Boundaries(torch.nn.Module):
+    """A stand-in network that sees labels and predicts their affinities (logit +-10), for the
+    nearest-neighbour offsets and then 3 long-range ones (a long_range fine-tuned model's
+    channel order); a link reaching outside the window is predicted as 'same'."""
+
+    OFFSETS = affinities.OFFSETS + ((-3, 0, 0), (0, -3, 0), (0, 0, -3))
+    config = type("C", (), {"out_channels": 6})
+
+    def __init__(self):
+        super().__init__()
+        self.p = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        lab = x[:, 0].numpy()
+        out = np.stack([affinities.seg_to_affinities(v + 1, self.OFFSETS) for v in lab])
+        return torch.from_numpy(20 * out - 10) + self.p
+
+
+def test_tta_flips_put_each_boundary_where_the_plain_prediction_does(rng):
+    """Flip TTA must give a network that predicts exact affinities the same affinities: a
+    flipped axis' channel moves one voxel back after the flip (an affinity is stored at the
+    voxel it points from). Only the 3 nearest-neighbour channels come out."""
+    lab = np.repeat(np.repeat(rng.integers(0, 4, (2, 4, 4, 4)), 3, axis=2), 2, axis=3)
+    batch = np.repeat(lab, 2, axis=1).astype(np.float32)  # (2, 8, 12, 8): blocks of labels
+    plain = inference._predict(_Boundaries(), batch, tta=False)
+    tta = inference._predict(_Boundaries(), batch, tta=True)
+    assert plain.shape == tta.shape == (2, 3, 8, 12, 8)
+    ref = np.stack([affinities.seg_to_affinities(v + 1) for v in batch])
+    np.testing.assert_allclose(plain[:, :, 1:, 1:, 1:], ref[:, :, 1:, 1:, 1:], atol=1e-4)
+    # the first plane of a channel's own axis has no neighbour in the window
+    for c in range(3):
+        inner = [slice(None), c] + [slice(None)] * 3
+        inner[2 + c] = slice(1, None)
+        np.testing.assert_allclose(tta[tuple(inner)], plain[tuple(inner)], atol=1e-4,
+                                   err_msg=f"channel {c}")
 
 
 def test_affinities_do_not_depend_on_the_block_size(infer_setup, tmp_path):

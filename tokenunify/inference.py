@@ -76,6 +76,8 @@ from tokenunify.settings import defaults, from_section
 
 log = logging.getLogger(__name__)
 
+N_AFFINITIES = len(OFFSETS)  # channels written: the nearest-neighbour affinities only
+
 
 _DEFAULTS = defaults("infer")
 
@@ -194,7 +196,17 @@ def load_model(checkpoint: str | Path) -> torch.nn.Module:
 
 
 def _predict(model, batch: np.ndarray, tta: bool) -> np.ndarray:
-    """Sigmoid predictions (n, C, *window) of normalised windows (n, *window)."""
+    """Sigmoid nearest-neighbour affinities (n, 3, *window) of normalised windows (n, *window).
+
+    Only the channels of :data:`~tokenunify.affinities.OFFSETS` are kept: a model fine-tuned
+    with ``long_range`` offsets has more channels after them, a training target only.
+
+    ``tta``: the mean over the 8 flips of z, y, x. Each flipped input is predicted and flipped
+    back; then the channel of every flipped axis moves one voxel along that axis. In the flipped
+    frame a voxel's affinity links it to the voxel before it, which in the original frame is the
+    voxel after it, a link stored one voxel further on (at the voxel it points from); without
+    the move the flipped predictions put every boundary one voxel early. The first plane of
+    such a channel, whose link reaches outside the window, keeps the unmoved value."""
     device = next(model.parameters()).device
     x = torch.from_numpy(batch[:, None]).to(device)
     flips = list(itertools.product([False, True], repeat=3)) if tta else [(False,) * 3]
@@ -203,8 +215,18 @@ def _predict(model, batch: np.ndarray, tta: bool) -> np.ndarray:
         for f in flips:
             dims = [2 + i for i, on in enumerate(f) if on]
             xi = x.flip(dims) if dims else x
-            p = torch.sigmoid(model(xi))
-            p = p.flip(dims) if dims else p
+            p = torch.sigmoid(model(xi))[:, :N_AFFINITIES]
+            if dims:
+                p = p.flip(dims)
+                chans = []
+                for c in range(N_AFFINITIES):
+                    q = p[:, c]
+                    if f[c]:  # channel c links along axis c (OFFSETS), dim c + 1 of q
+                        n = q.shape[c + 1]
+                        q = torch.cat([q.narrow(c + 1, 0, 1), q.narrow(c + 1, 0, n - 1)],
+                                      dim=c + 1)
+                    chans.append(q)
+                p = torch.stack(chans, dim=1)
             acc = p if acc is None else acc + p
     return (acc / len(flips)).float().cpu().numpy()
 
@@ -239,7 +261,7 @@ def predict_block(raw, checkpoint, core: tuple[slice, slice, slice], cfg: InferC
         st = window_starts(raw.shape[ax], cfg.window[ax], step[ax])
         per_axis.append(st[(st < hi[ax]) & (st + cfg.window[ax] > lo[ax])])
     wins = list(itertools.product(*per_axis))
-    out_ch = model.config.out_channels
+    out_ch = N_AFFINITIES
     acc = np.zeros((out_ch, *(hi - lo)), np.float32)
     wsum = np.zeros(tuple(hi - lo), np.float32)
     for s, p in _forward(raw, model, wins, cfg):
@@ -298,7 +320,7 @@ def owned_sums(raw, checkpoint, core: tuple[slice, slice, slice], cfg: InferConf
     end = hi if not wins else np.maximum(hi, np.minimum(
         np.max(np.array(wins) + np.asarray(cfg.window), axis=0), raw.shape))
     region = tuple(slice(int(a), int(b)) for a, b in zip(lo, end, strict=True))
-    out_ch = model.config.out_channels
+    out_ch = N_AFFINITIES
     acc = np.zeros((out_ch + 1, *(end - lo)), np.int64)
     # scale is a power of two: p * (w * scale) == p * w * scale exactly, so the terms are those
     # of a per-window product; each is rounded to an integer before it is added (the sums are
@@ -443,7 +465,11 @@ def run(volume: str | Path, checkpoint: str | Path, out: str | Path,
     raw = src["raw"]
     require_complete(raw, "infer")
     state = ckpt.load(checkpoint)
-    out_ch = state["model_config"]["out_channels"]
+    if state["model_config"]["out_channels"] < N_AFFINITIES:
+        raise ValueError(f"{checkpoint}: the model has {state['model_config']['out_channels']} "
+                         f"output channels, fewer than the {N_AFFINITIES} affinities (a "
+                         "pretraining checkpoint? infer needs a fine-tuned one)")
+    out_ch = N_AFFINITIES
     block = tuple(min(b, n) for b, n in zip(cfg.block, raw.shape, strict=True))
     # what changes the result (not where or in how many jobs it runs)
     settings = result_settings(cfg.__dict__)

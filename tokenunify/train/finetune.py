@@ -175,7 +175,7 @@ def validate(model: EMmamba, volumes: list[str | Path], cfg: FinetuneConfig) -> 
                                                                       strict=True))
         icfg = InferConfig(window=win, overlap=tuple(w // 2 for w in win), batch_size=2)
         core = tuple(slice(0, s) for s in raw.shape)
-        aff = predict_block(raw, model, core, icfg)[:3]
+        aff = predict_block(raw, model, core, icfg)
         best = None
         segs = waterz_segmentations(aff, cfg.thresholds, cfg.scoring, cfg.fragments)
         for t, seg in segs.items():
