@@ -347,7 +347,7 @@ def blend_sums(sums) -> np.ndarray:
     two of them, not all)."""
     total = None
     for part in sums:
-        total = np.array(part, np.int64) if total is None else np.add(total, part, out=total)
+        total = np.asarray(part, np.int64) if total is None else np.add(total, part, out=total)
     return (total[:-1] / total[-1:]).astype(np.float32)
 
 
@@ -375,6 +375,25 @@ def _sums_task(raw_path: str, out_path: str, checkpoint: str, idx, core, cfg: In
     dt = time.perf_counter() - t0
     log.info("block %s %s: windows in %.2f s", idx, [(c.start, c.stop) for c in core], dt)
     return dt
+
+
+@block_task
+def _whole_task(raw_path: str, out_path: str, checkpoint: str, idx, core, cfg: InferConfig,
+                scale: float) -> float:
+    """Both passes of a volume that is one block, its sums kept in memory instead of a staging
+    array (about 0.9 s less on a 2-Mvoxel volume, ``benchmarks/bench_infer.py``): the same
+    integer sums divided the same way, so the affinities are those of any other blocking, bit
+    for bit (``tests/test_inference.py``)."""
+    t0 = time.perf_counter()
+    torch.set_num_threads(cfg.threads)  # as in _sums_task: from the config only
+    raw = zarr.open_group(raw_path, mode="r")["raw"]
+    acc, region = owned_sums(raw, checkpoint, core, cfg, scale)
+    assert region == tuple(core), (region, core)  # one block: the windows end at its faces
+    out = writable(zarr.open_group(out_path, mode="r+")["affinities"])
+    out[(slice(None),) + tuple(core)] = _encode(blend_sums([acc]), cfg.dtype)
+    mark_done(out_path, "owned", idx)
+    mark_done(out_path, "block", idx)  # only after the chunk is fully written
+    return time.perf_counter() - t0
 
 
 @block_task
@@ -488,10 +507,11 @@ def run(volume: str | Path, checkpoint: str | Path, out: str | Path,
                                                       [str(volume), str(checkpoint)]),
                              "window": list(cfg.window), "overlap": list(cfg.overlap),
                              "tta": cfg.tta})
+        whole = block == tuple(raw.shape) and batch is None  # one block: no staging sums
         sums = root.require_group(SUMS)
         for name in {sums_name(b, block, cfg) for b in itertools.product(
                 *(range(0, n, k) for n, k in zip(raw.shape, block, strict=True)))}:
-            if name not in sums:
+            if name not in sums and not whole:
                 sums.create_array(name, shape=(out_ch + 1, *raw.shape),
                                   chunks=(out_ch + 1, *block), dtype="int64", fill_value=0,
                                   config={"write_empty_chunks": False})
@@ -503,7 +523,11 @@ def run(volume: str | Path, checkpoint: str | Path, out: str | Path,
     log.info("%s (%s): %d of %d blocks to predict", volume, what, len(todo), len(mine))
     phases = [(_sums_task, todo, (str(volume), str(stage.path), str(checkpoint)),
                (cfg, block, scale), len(mine), "infer")]
-    if batch is None:  # the final call also blends every block
+    if whole:
+        todo = [(i, b) for i, b in grid if not stage.is_done("block", i)]
+        phases = [(_whole_task, todo, (str(volume), str(stage.path), str(checkpoint)),
+                   (cfg, scale), 1, "infer")]
+    elif batch is None:  # the final call also blends every block
         blend = [(i, b) for i, b in grid if not stage.is_done("block", i)]
         log.info("%s: %d of %d blocks to blend", volume, len(blend), len(grid))
         phases.append((_blend_task, blend, (str(stage.path),), (cfg,), len(grid), "blend"))
