@@ -16,7 +16,7 @@ quantile; the official per-section ``maxima_distance`` fragments, blockwise, med
 
     .venv/bin/python benchmarks/bench_neuroproof_choices.py \\
         --checkpoint results/models/none/finetune/checkpoint.pt \\
-        --volume results/data/neuroproof_validate.zarr [--tta]
+        --volume results/data/neuroproof_validate.zarr [--tta] [--recipe-only]
 
 Settings come from ``--config`` (default ``config/examples/neuroproof.yaml``). Skips (exit 0,
 SKIP) when the checkpoint or the volume is absent.
@@ -93,6 +93,8 @@ def main() -> int:
                     help="downloaded validate volume (.zarr with raw and labels)")
     ap.add_argument("--config", type=Path, default=REPO / "config/examples/neuroproof.yaml")
     ap.add_argument("--tta", action="store_true", help="also the 8-flip TTA candidate")
+    ap.add_argument("--recipe-only", action="store_true",
+                    help="only the recipe's agglomerate section (and with --tta, its TTA row)")
     args = ap.parse_args()
     for p in (args.checkpoint, args.volume):
         if not p.exists():
@@ -106,7 +108,10 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench_choices_"))
     affinities, seconds = {}, {}
     rows = []
-    for name, tta, agg in candidates(recipe, args.tta):
+    todo = candidates(recipe, args.tta)
+    if args.recipe_only:
+        todo = [c for c in todo if c[2] is recipe]
+    for name, tta, agg in todo:
         if tta not in affinities:
             t0 = time.perf_counter()
             affinities[tta] = infer(args.volume, args.checkpoint, tmp / f"aff_{int(tta)}.zarr",
