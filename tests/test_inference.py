@@ -11,6 +11,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 import torch
 import zarr
 
@@ -231,3 +232,17 @@ def test_killed_run_resumes_only_missing_blocks_with_identical_output(infer_setu
                             client=client)  # torch threads: infer.threads, as in the killed run
     np.testing.assert_array_equal(zarr.open_group(str(out))["affinities"][:],
                                   zarr.open_group(str(ref))["affinities"][:])
+
+
+def test_a_pretraining_checkpoint_is_refused_by_name(infer_setup, tmp_path):
+    """A checkpoint with fewer output channels than the 3 affinities (pretraining's single
+    reconstruction channel) stops inference before anything is written, naming the file."""
+    from tokenunify.model import checkpoint as ckpt
+    from tokenunify.model.emmamba import EMmamba, preset
+
+    net = EMmamba(preset("tiny", out_channels=1))
+    bad = tmp_path / "pretrained.pt"
+    ckpt.save({"model": net.state_dict(), "model_config": net.config.to_dict(), "step": 0}, bad)
+    with pytest.raises(ValueError, match=r"pretrained\.pt: the model has 1 output channels"):
+        inference.run(infer_setup / "v.zarr", bad, tmp_path / "o.zarr", CFG)
+    assert not (tmp_path / "o.zarr").exists() and not (tmp_path / "o.zarr.partial").exists()
