@@ -131,15 +131,16 @@ SEED_SIGMA_3D = 1.0
 SEED_WINDOW_3D = 5
 
 
-def distance_fragments(aff: np.ndarray) -> np.ndarray:
+def distance_fragments(aff: np.ndarray, threshold: float = SEED_THRESHOLD_3D,
+                       sigma: float = SEED_SIGMA_3D, window: int = SEED_WINDOW_3D) -> np.ndarray:
     """The seeded watershed in 3-D (``fragments: maxima_distance_3d``) of a (3, z, y, x)
     float32 window, uint32 ids 1..n.
 
     - boundary map ``b = 1 - mean(aff_z, aff_y, aff_x)``;
-    - inside: ``b < 1 - SEED_THRESHOLD_3D``; its Euclidean distance transform (voxel units),
-      smoothed by a Gaussian of ``SEED_SIGMA_3D`` voxels;
+    - inside: ``b < 1 - threshold``; its Euclidean distance transform (voxel units),
+      smoothed by a Gaussian of ``sigma`` voxels;
     - seeds: 6-connected components of the voxels inside that hold the largest smoothed
-      distance of the ``SEED_WINDOW_3D``-cube around them;
+      distance of the ``window``-cube around them;
     - ``watershed(b, seeds)`` (6-connected), so membrane voxels join the side they are closer
       to in affinity.
 
@@ -149,14 +150,15 @@ def distance_fragments(aff: np.ndarray) -> np.ndarray:
     merge scores are then noise) it gives about a thousand there, each holding one thick part
     of an object (benchmarks/bench_neuroproof_choices.py). Distances are in
     voxels: meant for near-isotropic volumes (FIB-SEM); on anisotropic serial sections the
-    per-section ``maxima_distance`` suits better.
+    per-section ``maxima_distance`` suits better. The pipeline uses the module's defaults;
+    ``benchmarks/bench_seed_variants.py`` measures others on validation affinities.
     """
     b = 1.0 - aff.astype(np.float32).mean(axis=0)
-    inside = b < 1.0 - SEED_THRESHOLD_3D
+    inside = b < 1.0 - threshold
     dist = edt.edt(inside.astype(np.uint8), black_border=False).astype(np.float32)
-    if SEED_SIGMA_3D:
-        dist = ndimage.gaussian_filter(dist, SEED_SIGMA_3D)
-    peaks = (ndimage.maximum_filter(dist, size=SEED_WINDOW_3D) == dist) & inside
+    if sigma:
+        dist = ndimage.gaussian_filter(dist, sigma)
+    peaks = (ndimage.maximum_filter(dist, size=window) == dist) & inside
     seeds, n = ndimage.label(peaks)
     if n == 0:  # no interior at all: one fragment, as the per-section method gives
         return np.ones(b.shape, np.uint32)
