@@ -31,12 +31,13 @@ from pathlib import Path
 import numpy as np
 import zarr
 from bench_fragments_ceiling import NEUROPROOF, test_labels
+from bench_neuroproof_choices import MEAN
 
 from tokenunify import metrics
 from tokenunify.affinities import widen_borders
 from tokenunify.agglomerate import fragments
+from tokenunify.agglomerate.whole_volume import waterz_segmentations
 
-MEAN = "OneMinus<MeanAffinity<RegionGraphType, ScoreValue>>"
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.65, 0.7, 0.75, 0.8, 0.9)
 # (threshold, sigma, window): the defaults first, then one change at a time, then pairs
 VARIANTS = [
@@ -71,8 +72,6 @@ def main() -> int:
     if not NEUROPROOF.exists() or not args.affinities.exists():
         print(f"SKIP: {NEUROPROOF} or {args.affinities} is absent")
         return 0
-    import waterz
-
     labels = test_labels(Path(tempfile.mkdtemp(prefix="bench_seeds_")), *args.z)
     arr = zarr.open_group(str(args.affinities), mode="r")["affinities"]
     aff = np.ascontiguousarray(arr[:].astype(np.float32) / np.float32(arr.attrs["scale"]))
@@ -90,9 +89,8 @@ def main() -> int:
         frag = fragments.distance_fragments(aff, thr, sigma, window).astype(np.uint64)
         alone, n = metrics.evaluate(labels, frag), int(frag.max())
         band = metrics.evaluate(banded, frag)
-        with quiet_stdout():  # waterz merges the fragments in place
-            segs = [s.copy() for s in waterz.agglomerate(aff, list(THRESHOLDS), fragments=frag,
-                                                          scoring_function=MEAN)]
+        with quiet_stdout():
+            segs = waterz_segmentations(aff, THRESHOLDS, MEAN, frag).values()
         scores = [metrics.evaluate(labels, s) for s in segs]
         i = int(np.argmin([s.voi for s in scores]))
         best = scores[i]
