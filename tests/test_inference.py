@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import signal
@@ -158,6 +159,29 @@ def test_each_window_forwarded_once_and_equal_to_the_float_blend(infer_setup, tm
     edge = np.abs((ref.astype(np.float64) * 255) % 1 - 0.5)
     assert diff.max() <= 1 and (not diff.any() or edge[diff > 0].max() < 1e-4), \
         f"{int((diff > 0).sum())} voxels differ, up to {edge[diff > 0].max():.2e} from an edge"
+
+
+def test_pass_one_sums_are_exact_integer_sums(infer_setup):
+    """The pass-1 sums of a block are the exact int64 sums of the per-window integer terms
+    (rint(p x weight x scale)), summed here in the opposite order. At the run's scale the sums
+    reach about 2^60, far past float64's 2^53, so an add done in float64 would round them and
+    make them depend on the order of the windows and so on the blocking."""
+    raw = zarr.open_group(str(infer_setup / "v.zarr"))["raw"]
+    cfg = CFG
+    model = inference.load_model(infer_setup / "model.pt")
+    torch.set_num_threads(cfg.threads)
+    scale = inference.sum_scale(raw.shape, cfg)
+    core = tuple(slice(0, n) for n in raw.shape)
+    acc, region = inference.owned_sums(raw, model, core, cfg, scale)
+    assert region == core and acc.dtype == np.int64 and acc.max() > 2**56
+    weight = gaussian_weight(cfg.window, cfg.sigma_scale).astype(np.float64) * scale
+    wins = list(itertools.product(*inference._grid(raw.shape, cfg)))
+    ref = np.zeros_like(acc)
+    for st, p in reversed(list(inference._forward(raw, model, wins, cfg))):
+        box = (slice(None),) + tuple(slice(a, a + w) for a, w in zip(st, cfg.window, strict=True))
+        ref[box][:-1] += np.rint(p.astype(np.float64) * weight).astype(np.int64)
+        ref[box][-1] += np.rint(weight).astype(np.int64)
+    assert np.array_equal(acc, ref)
 
 
 def test_affinities_do_not_depend_on_parallelism(infer_setup, tmp_path):

@@ -109,7 +109,8 @@ class InferConfig:
 
 
 GRID = "face-aligned"  # the window grid below (before: "zero-padded"); part of the lineage
-BLEND = "owned-windows-int64"  # how windows are blended (before: float32 per block); lineage
+BLEND = "owned-windows-int64-exact"  # how windows are blended (before: int64 sums added in
+# float64, which rounded past 2^53; before that, float32 per block); part of the lineage
 SUMS = ".sums"  # the staging group of the pass-1 sums (removed before the commit)
 SUM_BITS = 63  # sums are int64; each term is scaled to use them without overflow
 
@@ -323,20 +324,24 @@ def owned_sums(raw, checkpoint, core: tuple[slice, slice, slice], cfg: InferConf
     out_ch = N_AFFINITIES
     acc = np.zeros((out_ch + 1, *(end - lo)), np.int64)
     # scale is a power of two: p * (w * scale) == p * w * scale exactly, so the terms are those
-    # of a per-window product; each is rounded to an integer before it is added (the sums are
-    # then exact, whatever the order or the blocks that add them)
+    # of a per-window product; each is rounded to an integer and converted to int64 (exact:
+    # integral and below 2^63) before it is added, and the adds are int64 adds, so the sums are
+    # exact, whatever the order or the blocks that add them. (Adding the float64 term into the
+    # int64 array directly would add in float64, which rounds once the sums pass 2^53.)
     wscaled = weight * scale
     wterm = np.rint(wscaled).astype(np.int64)
     term = np.empty((out_ch, *cfg.window), np.float64)
+    iterm = np.empty((out_ch, *cfg.window), np.int64)
     for st, p in _forward(raw, model, wins, cfg):
         b = np.minimum(np.array(st) + cfg.window, raw.shape)
         src = tuple(slice(0, int(y - x)) for x, y in zip(st, b, strict=True))
         dst = tuple(slice(int(x - a), int(y - a)) for x, y, a in zip(st, b, lo, strict=True))
-        t = term[(slice(None),) + src]
+        t, it = term[(slice(None),) + src], iterm[(slice(None),) + src]
         np.multiply(p[(slice(None),) + src], wscaled[src], out=t)
         np.rint(t, out=t)
+        np.copyto(it, t, casting="unsafe")
         part = acc[(slice(0, out_ch),) + dst]
-        np.add(part, t, out=part, casting="unsafe")  # integral float64 -> int64: exact
+        part += it
         acc[(out_ch,) + dst] += wterm[src]
     return acc, region
 
@@ -348,7 +353,15 @@ def blend_sums(sums) -> np.ndarray:
     total = None
     for part in sums:
         total = np.asarray(part, np.int64) if total is None else np.add(total, part, out=total)
-    return (total[:-1] / total[-1:]).astype(np.float32)
+    # channel by channel, as total[:-1] / total[-1:] (both to float64, divided, then float32)
+    # without its (C, *core) float64 temporary
+    weight = total[-1].astype(np.float64)
+    out = np.empty(total[:-1].shape, np.float32)
+    buf = np.empty(weight.shape, np.float64)
+    for c in range(len(out)):
+        np.divide(total[c], weight, out=buf)
+        out[c] = buf
+    return out
 
 
 def _encode(aff: np.ndarray, dtype: str) -> np.ndarray:
