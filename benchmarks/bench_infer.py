@@ -15,7 +15,8 @@ run:
    of half the default per axis, so that the smaller volume has 8 blocks and both runs keep
    ``threads_per_worker`` blocks in flight (with the default block the smaller volume is one
    block, and the comparison would be 1 block in flight against 2);
-3. workers: 2 Dask workers against 1 on the same volume (wall-time ratio);
+3. workers: 2 Dask worker processes against 1 on the same volume and blocks (wall-time
+   ratio);
 4. throughput: finished voxels per second for ``tiny`` and (``--base``) ``base``, against the
    floor set by the network's forward FLOPs per window (torch's FlopCounterMode) at the
    machine's measured float32 matmul rate.
@@ -251,12 +252,16 @@ def rest(args, tmp: Path, shape, vol: Path, tiny: Path, cfg: InferConfig, timed)
 
 
 def workers(tmp: Path, vol: Path, tiny: Path, cfg: InferConfig) -> None:
-    two = run_in_child(vol, tiny, dataclasses.replace(cfg, workers=2, threads=1),
-                       tmp / "w2.zarr")
-    one = run_in_child(vol, tiny, dataclasses.replace(cfg, workers=1, threads=1),
-                       tmp / "w1.zarr")
-    print(f"2 workers vs 1 (1 torch thread each): {one['s']:.1f} s / {two['s']:.1f} s = "
-          f"{one['s'] / two['s']:.2f}x", flush=True)
+    """2 worker processes against 1, each with 1 torch thread and ``threads_per_worker`` blocks
+    in flight, on blocks of half the default per axis (8 blocks on the default volume: with
+    the default block the volume is one block, and a second worker would have nothing to do).
+    The times include what a second worker costs: its process start, imports and model load."""
+    half = dataclasses.replace(cfg, block=tuple(max(1, b // 2) for b in cfg.block), threads=1)
+    two = run_in_child(vol, tiny, dataclasses.replace(half, workers=2), tmp / "w2.zarr")
+    one = run_in_child(vol, tiny, dataclasses.replace(half, workers=1), tmp / "w1.zarr")
+    print(f"workers, block {list(half.block)}, 1 torch thread each, {half.threads_per_worker} "
+          f"blocks in flight per worker: 2 workers {two['s']:.1f} s, 1 worker {one['s']:.1f} s: "
+          f"2 workers take {two['s'] / one['s']:.2f}x the time of 1", flush=True)
 
 
 def throughput(args, tmp: Path, shape, vol: Path, tiny: Path, cfg: InferConfig, timed) -> None:
