@@ -11,6 +11,7 @@ in tests/agglomerate/test_merge_compiled.py on the full history).
 
     python benchmarks/bench_merge.py            # n = 20, 40, 80 (the largest: 1.5 M edges)
     python benchmarks/bench_merge.py --n 20 40  # quicker
+    python benchmarks/bench_merge.py --n 80 --repeat 3  # the median of 3 merges per engine
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def grid_graph(n: int, seed: int = 0) -> pd.DataFrame:
                          "max": np.minimum(mean + rng.uniform(0, 0.2, len(u)), 1.0)})
 
 
-def child(n: int, engine: str) -> None:
+def child(n: int, engine: str, repeat: int = 1) -> None:
     from tokenunify.agglomerate.merge import agglomerate_graph, compiled_extension
     from tokenunify.agglomerate.scoring import parse
 
@@ -49,18 +50,21 @@ def child(n: int, engine: str) -> None:
         compiled_extension()  # load the cached build before measuring
     edges = grid_graph(n)
     base = peak_rss_gb() * 2**20
-    t0 = time.perf_counter()
-    merges = 0
-    if engine != "none":
-        merges = len(agglomerate_graph(edges, n ** 3, parse(SCORING), 0.9, engine=engine).u)
-    dt = time.perf_counter() - t0
-    peak = peak_rss_gb() * 2**20
+    merges, times, peak = 0, [], 0.0
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        if engine != "none":
+            merges = len(agglomerate_graph(edges, n ** 3, parse(SCORING), 0.9, engine=engine).u)
+        times.append(time.perf_counter() - t0)
+        peak = peak or peak_rss_gb() * 2**20  # the first merge's: later ones reuse freed space
+    dt = float(np.median(times))
     print(json.dumps({"seconds": dt, "merges": merges, "edges": len(edges),
                       "peak_kb": peak, "graph_kb": base}))
 
 
-def measure(n: int, engine: str) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", str(n), engine], check=True,
+def measure(n: int, engine: str, repeat: int) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", str(n), engine, str(repeat)],
+                         check=True,
                          capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -68,10 +72,12 @@ def measure(n: int, engine: str) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, nargs="+", default=[20, 40, 80], help="grid edge lengths")
-    ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="merges per engine and size in its process (the median is printed)")
+    ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        child(int(args.child[0]), args.child[1])
+        child(int(args.child[0]), args.child[1], int(args.child[2]))
         return 0
     from tokenunify.agglomerate.merge import compiled_extension
 
@@ -81,7 +87,7 @@ def main() -> int:
     print(f"{'fragments':>10} {'edges':>10} {'python s':>9} {'compiled s':>10} {'ratio':>6} "
           f"{'py RSS MB':>9} {'c RSS MB':>8} {'py B/edge':>9} {'c B/edge':>8}")
     for n in args.n:
-        py, c = measure(n, "python"), measure(n, "compiled")
+        py, c = measure(n, "python", args.repeat), measure(n, "compiled", args.repeat)
         if py["merges"] != c["merges"]:
             print(f"MISMATCH: {py['merges']} python merges vs {c['merges']} compiled")
             return 1

@@ -64,6 +64,25 @@ def test_identical_history_on_random_graphs_with_ties(scoring):
         assert_same(edges, n, scoring, hist, max_threshold=(0.5, 0.9, 1.0)[seed % 3])
 
 
+@pytest.mark.parametrize("scoring", [QUANTILE, MEAN])
+def test_identical_history_when_one_region_absorbs_hundreds(scoring):
+    """Hubs: a few fragments joined to hundreds of others by the lowest scores, the others in a
+    ring by higher ones (with ties): a hub absorbs its leaves one by one, the case where the
+    compiled merge searches the small neighbours' lists instead of marking the hub's."""
+    rng = np.random.default_rng(7)
+    n, hubs = 1200, (1, 2, 3)
+    leaves = np.arange(4, n + 1)
+    owner = rng.choice(hubs, len(leaves))
+    u = np.r_[owner, leaves[:-1], hubs[:-1]]
+    v = np.r_[leaves, leaves[1:], hubs[1:]]
+    low = np.r_[np.full(len(leaves), 0.9), np.full(len(leaves) - 1, 0.3), [0.2, 0.2]]
+    mean = np.round((low + rng.uniform(0, 0.05, len(low))) * 8) / 8  # ties
+    count = rng.integers(1, 4, len(u))
+    edges = pd.DataFrame({"u": np.minimum(u, v), "v": np.maximum(u, v), "count": count,
+                          "sum": mean * count, "max": mean})
+    assert_same(edges, n, scoring, max_threshold=0.95)
+
+
 def test_identical_history_on_neuroproof_fragments(tmp_path):
     """Real fragments (NeuroProof supervoxels, z 100-124) and noisy affinities from the bodies."""
     import gzip

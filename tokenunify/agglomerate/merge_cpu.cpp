@@ -13,27 +13,37 @@
 // Keys (int64, any values) are replaced by their dense ranks on entry and restored on output,
 // so that a queue entry is 16 bytes: (score, rank << 32 | edge). Everything is held in flat
 // arrays, never one object per edge, laid out so that one edge's hot fields share a cache line:
-//   edges        score, statistics, ends, key rank, flags in one struct      40 B per edge
-//   histograms   (bin << 48 | count) words in one pool, compacted when half garbage
+//   edges        score, statistics, stored ends, key rank, flags in one struct  40 B per edge
+//   histograms   (bin << 48 | count) words in one pool, compacted when its garbage outgrows
+//                the live words plus half the edge count
 //                                                                          8 B per bin held
-//   adjacency    incident edge ids per fragment (uint32, deleted ids dropped lazily)
-//                                                                          8 B per edge (+24 B per node)
-//   edge lookup  open addressing, 8-byte slots (hash fingerprint, edge), never erased (stale
-//                slots are recognised and dropped at a rehash)             24-48 B per edge
+//   adjacency    (neighbour, edge) per fragment and edge end (dead entries dropped lazily)
+//                                                                          16 B per edge (+24 B per node)
+//   regions      union-find parents, degrees, marks: 12 B per node; dead edges: 1 bit per edge
 //   queue        the quantile's scores take `bins` values: one binary heap per value (the one in
 //                use is small and stays in cache); the mean: an aligned 4-ary heap
 //                                                                          16-32 B per edge
-// about 100-140 B per edge by this budget; benchmarks/bench_merge.py measures about 160 with the
-// inputs and outputs, against about 800 for the Python loop. The merge is bound by memory
-// latency: every step touches a random edge, region and hash slot. Measured with perf on the
-// 1.5 M-edge grid (2.2 M pops, 3.2 M moved edges, 1.0 M edge merges, 512 k merges), the
-// previous layout (one array per field, 16-byte hash slots erased on every move, one 4-ary
-// heap of 24-byte entries) spent ~25 % in hash erases, ~30 % in the heap and ~20 % in
-// histogram merging. What is left is a chain of dependent cache misses per merge: the hash
-// probe, the first touch of each moved edge, the popped edge's regions. Scores are computed in
-// double with the same operations as the Python code (no fast-math), so the popped order, and
-// therefore the merge history, is identical.
+// about 80-100 B per edge by this budget (benchmarks/bench_merge.py measures it with the inputs
+// and outputs: 130 B). The merge is bound by memory latency: every step touches a random edge
+// and region. So an absorbed region is never rewritten into the edges and lists that name it:
+// it points at its absorber (union-find), and stored ends and neighbour ids resolve through it.
+// A moved edge is then not touched at all; only edges that merge are. Which of the absorbed
+// region's neighbours the absorber already has an edge to is found by marking the absorber's
+// neighbours (an array indexed by region, mostly in cache) or, when the absorber's list is
+// longer than the neighbours' degrees added up (a large region absorbing small ones, where the
+// marks would cost a pass over its list per merge), by searching the neighbours' lists. The
+// large arrays ask for huge pages (a TLB miss with nearly every random touch otherwise).
+// Against the former design (a hash table of (u, v) -> edge, every moved edge's ends
+// rewritten), on the 1.5 M-edge grid (2.2 M pops, 3.2 M moved edges, 1.0 M edge merges,
+// 512 k merges): about 11 % less time and 130 against 155 B per edge. What is left is mostly
+// the popped edges, the merging edges and their histograms, and the adjacency lists, each a
+// cache miss. Scores are computed in double with the same operations as the Python code (no
+// fast-math), so the popped order, and therefore the merge history, is identical.
 #include <torch/extension.h>
+
+#if __has_include(<sys/mman.h>)
+#include <sys/mman.h>  // madvise
+#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -71,6 +81,19 @@ struct Edge {  // 40 B
   u32 hlen() const { return meta & kLenMask; }
 };
 
+constexpr size_t kHuge = 2 << 20;
+
+// Ask for transparent huge pages over [p, p + bytes) (whole 2 MiB pages inside it): the merge
+// touches its large arrays at random, and with 4 KiB pages nearly every touch also misses the
+// TLB. A hint only: without THP (or on other systems) nothing changes.
+inline void huge_pages(void *p, size_t bytes) {
+#ifdef MADV_HUGEPAGE
+  const uintptr_t lo = ((uintptr_t)p + kHuge - 1) / kHuge * kHuge;
+  const uintptr_t hi = ((uintptr_t)p + bytes) / kHuge * kHuge;
+  if (hi > lo) madvise((void *)lo, hi - lo, MADV_HUGEPAGE);
+#endif
+}
+
 template <typename T>
 struct Buffer {  // a growable array without zero-filling, 64-byte aligned
   T *p = nullptr;
@@ -82,9 +105,11 @@ struct Buffer {  // a growable array without zero-filling, 64-byte aligned
   void reserve(i64 c) {
     if (c <= cap) return;
     c = std::max<i64>(c, 2 * cap);
-    const size_t bytes = ((size_t)c * sizeof(T) + 63) / 64 * 64;
-    T *q = static_cast<T *>(std::aligned_alloc(64, bytes));
+    const size_t align = (size_t)c * sizeof(T) >= kHuge ? kHuge : 64;
+    const size_t bytes = ((size_t)c * sizeof(T) + align - 1) / align * align;
+    T *q = static_cast<T *>(std::aligned_alloc(align, bytes));
     TORCH_CHECK(q, "merge: out of memory");
+    if (align == kHuge) huge_pages(q, bytes);
     if (n) std::memcpy(q, p, (size_t)n * sizeof(T));
     std::free(p);
     p = q;
@@ -94,78 +119,6 @@ struct Buffer {  // a growable array without zero-filling, 64-byte aligned
     std::swap(p, o.p);
     std::swap(n, o.n);
     std::swap(cap, o.cap);
-  }
-};
-
-// (u, v) -> edge id; linear probing, 8-byte slots (32-bit hash fingerprint, edge id). Nothing is
-// ever erased: a slot is stale when its edge was deleted or has moved to other ends (an absorbed
-// region's id never comes back, so its pairs are never looked up again), which a lookup sees
-// when it checks the edge's current ends; a rehash drops the stale slots. This saves the random
-// memory access of every erase, the largest single cost of the merge.
-class EdgeTable {
- public:
-  EdgeTable(const Edge *edges, i64 n) : edges_(edges) { rehash(n); }
-
-  void prefetch(u32 u, u32 v) const { __builtin_prefetch(&slots_[hash(u, v) & mask_]); }
-
-  i64 find(u32 u, u32 v) const {  // u < v
-    const u64 h = hash(u, v);
-    const u32 fp = (u32)(h >> 32);
-    for (u64 i = h & mask_;; i = (i + 1) & mask_) {
-      const Slot s = slots_[i];
-      if (s.e == kEmpty) return -1;
-      if (s.fp == fp) {
-        const Edge &x = edges_[s.e];
-        if (x.u == u && x.v == v && !x.deleted()) return s.e;
-      }
-    }
-  }
-  void insert(u32 u, u32 v, u32 e) {  // the edge's current ends must be (u, v)
-    if (2 * (used_ + 1) > (i64)slots_.size()) rehash(0);
-    place(hash(u, v), e);
-  }
-
- private:
-  struct Slot { u32 fp, e; };
-  static constexpr u32 kEmpty = ~0u;  // edge ids < 2^31
-  const Edge *edges_;
-  std::vector<Slot> slots_;
-  u64 mask_ = 0;
-  i64 used_ = 0;
-
-  static u64 hash(u32 u, u32 v) {
-    u64 x = ((u64)u << 32) | v;
-    x ^= x >> 33; x *= 0xFF51AFD7ED558CCDULL; x ^= x >> 33;  // murmur3 finaliser
-    x *= 0xC4CEB9FE1A85EC53ULL; x ^= x >> 33;
-    return x;
-  }
-  void place(u64 h, u32 e) {
-    u64 i = h & mask_;
-    while (slots_[i].e != kEmpty) i = (i + 1) & mask_;
-    slots_[i] = {(u32)(h >> 32), e};
-    ++used_;
-  }
-  void rehash(i64 n) {  // keep the live slots: load <= 1/3 after, <= 1/2 before the next
-    std::vector<Slot> old = std::move(slots_);
-    i64 live = 0;
-    for (const Slot &s : old) {
-      if (s.e == kEmpty) continue;
-      const Edge &x = edges_[s.e];
-      const u64 h = hash(x.u, x.v);
-      live += !x.deleted() && (u32)(h >> 32) == s.fp;
-    }
-    n = std::max<i64>(n, live + 1);
-    u64 cap = 16;
-    while (cap < (u64)(3 * n)) cap <<= 1;
-    slots_.assign(cap, {0, kEmpty});
-    mask_ = cap - 1;
-    used_ = 0;
-    for (const Slot &s : old) {
-      if (s.e == kEmpty) continue;
-      const Edge &x = edges_[s.e];
-      const u64 h = hash(x.u, x.v);
-      if (!x.deleted() && (u32)(h >> 32) == s.fp) place(h, s.e);
-    }
   }
 };
 
@@ -181,6 +134,10 @@ class Heap {  // 4-ary min-heap of (score, rank << 32 | edge); children of i sha
   explicit Heap(i64 n) { h_.reserve(n + kPad + 1); h_.n = kPad; }
   bool empty() const { return h_.n == kPad; }
   const Item &top() const { return h_.p[kPad]; }
+  template <typename F>
+  void near_top(F f) const {  // the entries popped next: the top two levels of the heap
+    for (i64 i = 0; i < std::min<i64>(h_.n - kPad, 5); ++i) f(h_.p[kPad + i].ke);
+  }
   Item *raw(i64 n) {  // fill n items, then heapify()
     h_.reserve(kPad + n);
     h_.n = kPad + n;
@@ -264,6 +221,11 @@ class BucketQueue {
   bool empty() const { return n_ == 0; }
   double top_score() const { return score(cur_); }
   u64 top_ke() const { return b_[cur_].front(); }
+  template <typename F>
+  void near_top(F f) const {  // the entries popped next: the top three levels of the heap
+    const auto &h = b_[cur_];
+    for (size_t i = 0; i < std::min<size_t>(h.size(), 7); ++i) f(h[i]);
+  }
   void pop() {
     std::pop_heap(b_[cur_].begin(), b_[cur_].end(), std::greater<u64>());
     b_[cur_].pop_back();
@@ -308,6 +270,11 @@ class Queue {  // the bucket queue when every score is a quantile value, else th
   bool empty() const { return buckets_ ? bq_.empty() : heap_.empty(); }
   Item top() const { return buckets_ ? Item{bq_.top_score(), bq_.top_ke()} : heap_.top(); }
   void pop() { buckets_ ? bq_.pop() : heap_.pop(); }
+  template <typename F>
+  void near_top(F f) const {
+    if (empty()) return;
+    buckets_ ? bq_.near_top(f) : heap_.near_top(f);
+  }
   void push(Item x) {
     if (!buckets_) return heap_.push(x);
     const i64 k = bq_.bucket(x.score);
@@ -366,7 +333,8 @@ struct Graph {
     keep.meta = (keep.meta & ~kLenMask) | (u32)(pool.n - start);
     keep.count += drop.count;
     drop.meta &= ~kLenMask;
-    if (garbage > 1024 && 2 * garbage > pool.n) compact();
+    // compact() scans every edge: wait for garbage worth that scan as well as the live words
+    if (garbage > 1024 && garbage > (pool.n - garbage) + edges.n / 2) compact();
   }
 
   void compact() {  // move the live histograms to a fresh pool
@@ -501,27 +469,46 @@ std::vector<torch::Tensor> merge(torch::Tensor eu_t, torch::Tensor ev_t, int64_t
     ++deg[ed[e].u];
     ++deg[ed[e].v];
   }
-  std::vector<std::vector<u32>> adj(n_fragments + 1);
+  // Regions: rep[] is a union-find forest (an absorbed region points at its absorber), so that
+  // an edge's stored ends, and the neighbour ids in the adjacency lists, are resolved lazily
+  // instead of being rewritten when a region is absorbed. adj[x] holds (neighbour as stored,
+  // edge) of every live edge of region x (and dead ones, dropped lazily); `dead` mirrors the
+  // edges' deleted flag in a bitset that stays in cache.
+  std::vector<u32> rep(n_fragments + 1);
+  std::iota(rep.begin(), rep.end(), 0u);
+  auto find = [&rep](u32 x) {
+    while (rep[x] != x) {
+      rep[x] = rep[rep[x]];
+      x = rep[x];
+    }
+    return x;
+  };
+  std::vector<u64> dead((E + 63) / 64 + 1, 0);
+  auto is_dead = [&dead](u32 e) { return (dead[e >> 6] >> (e & 63)) & 1; };
+  auto kill = [&dead, ed](u32 e) {
+    dead[e >> 6] |= 1ULL << (e & 63);
+    ed[e].meta |= kDeleted;
+  };
+  struct Adj { u32 n, e; };
+  std::vector<std::vector<Adj>> adj(n_fragments + 1);
   for (i64 x = 0; x <= n_fragments; ++x) adj[x].reserve(deg[x]);
-  EdgeTable table(ed, E);
   for (i64 e = 0; e < E; ++e) {
-    adj[ed[e].u].push_back((u32)e);
-    adj[ed[e].v].push_back((u32)e);
-    table.insert(ed[e].u, ed[e].v, (u32)e);
+    adj[ed[e].u].push_back({ed[e].v, (u32)e});
+    adj[ed[e].v].push_back({ed[e].u, (u32)e});
   }
+  constexpr u32 kNone = ~0u;
+  std::vector<u32> mark(n_fragments + 1, kNone);  // neighbour of the absorber -> its edge
   Queue heap(ed, E, !g.mean, bins);
   std::vector<i64> mu, mv;
   std::vector<double> ml;
   double level = -std::numeric_limits<double>::infinity();
-  struct Work { u32 eb, n; };
-  std::vector<Work> work;
-  std::vector<u32> incident;
+  std::vector<Adj> incident;
 
   while (!heap.empty() && heap.top().score < max_threshold) {
     const Queue::Item top = heap.top();
     const u32 e = (u32)top.ke;
     heap.pop();
-    if (!heap.empty()) __builtin_prefetch(&ed[(u32)heap.top().ke]);  // the next iteration's
+    heap.near_top([ed](u64 ke) { __builtin_prefetch(&ed[(u32)ke]); });  // the next pops'
     level = std::max(level, top.score);
     Edge &te = ed[e];
     if (te.deleted() || (top.ke >> 32) != te.key) continue;  // gone, or queued again under a new key
@@ -531,14 +518,15 @@ std::vector<torch::Tensor> merge(torch::Tensor eu_t, torch::Tensor ev_t, int64_t
       heap.push({te.score, ((u64)te.key << 32) | e});
       continue;
     }
-    u32 a = te.u, b = te.v;
+    u32 a = find(te.u), b = find(te.v);
+    if (b < a) std::swap(a, b);
     if (!frozen.empty()) {  // a hierarchy node: the merge may have to wait for the parent
       bool wait = frozen[a] || frozen[b];
       for (u32 r : {a, b}) {  // an edge to a frozen segment scored no higher: a tie that the
         if (wait) break;      // parent may resolve first (see hierarchy.py)
-        for (u32 x : adj[r]) {
-          const Edge &ex = ed[x];
-          if (!ex.deleted() && frozen[ex.u == r ? ex.v : ex.u] && ex.score <= top.score) {
+        for (const Adj &x : adj[r]) {
+          if (is_dead(x.e)) continue;
+          if (frozen[find(x.n)] && ed[x.e].score <= top.score) {
             wait = true;
             break;
           }
@@ -553,55 +541,71 @@ std::vector<torch::Tensor> merge(torch::Tensor eu_t, torch::Tensor ev_t, int64_t
     mu.push_back(a);
     mv.push_back(b);
     ml.push_back(level);
-    te.meta |= kDeleted;
+    kill(e);
     --deg[a];
+    rep[b] = a;
+    // Which of b's neighbours a already has an edge to: either a's live neighbours are marked
+    // with their edge (a pass over a's list), or each neighbour's list is searched for an
+    // entry that resolves to a, whichever costs less. The marks alone would cost a pass over
+    // a's list per merge, quadratic when a large region absorbs small ones one by one.
+    std::vector<Adj> &la = adj[a];
     incident.clear();
     incident.swap(adj[b]);
-    // the live edges of b with their neighbours; the edges and hash slots they will touch are
-    // prefetched first, so that the cache misses overlap
-    const size_t ni = incident.size();
-    for (size_t i = 0; i < std::min<size_t>(ni, 8); ++i) __builtin_prefetch(&ed[incident[i]]);
-    work.clear();
-    for (size_t i = 0; i < ni; ++i) {
-      if (i + 8 < ni) __builtin_prefetch(&ed[incident[i + 8]]);
-      const u32 eb = incident[i];
-      const Edge &x = ed[eb];
-      if (x.deleted()) continue;
-      const u32 n = x.u == b ? x.v : x.u;
-      table.prefetch(std::min(a, n), std::max(a, n));
-      work.push_back({eb, n});
+    size_t w = 0, cost_n = 0;
+    for (size_t i = 0; i < incident.size(); ++i) {  // b's live edges, neighbours resolved
+      const Adj x = incident[i];
+      if (is_dead(x.e)) continue;
+      const u32 n = find(x.n);
+      incident[w++] = {n, x.e};
+      cost_n += deg[n];
     }
-    for (const Work &w : work) {
-      const u32 eb = w.eb, n = w.n;
-      Edge &xb = ed[eb];
-      const u32 lo = std::min(a, n), hi = std::max(a, n);
-      const i64 ea = table.find(lo, hi);
-      if (ea < 0) {  // move the edge to the surviving region
-        xb.u = lo;
-        xb.v = hi;
-        table.insert(lo, hi, eb);
-        adj[a].push_back(eb);
+    incident.resize(w);
+    const bool marks = la.size() <= cost_n + w;
+    if (marks) {
+      w = 0;
+      for (size_t i = 0; i < la.size(); ++i) {  // compacting: dead edges (b's among them) go
+        const Adj x = la[i];
+        if (is_dead(x.e)) continue;
+        const u32 n = find(x.n);
+        la[w++] = {n, x.e};
+        mark[n] = x.e;
+      }
+      la.resize(w);
+      for (const Adj &x : incident)  // the edges that will merge: their misses overlap
+        if (mark[x.n] != kNone) {
+          __builtin_prefetch(&ed[x.e]);
+          __builtin_prefetch(&ed[mark[x.n]]);
+        }
+    }
+    for (const Adj &x : incident) {
+      const u32 eb = x.e, n = x.n;
+      u32 ea = kNone;
+      if (marks) {
+        ea = mark[n];
+      } else {  // the edge of n that resolves to a, other than b's
+        for (const Adj &y : adj[n])
+          if (y.e != eb && !is_dead(y.e) && find(y.n) == a) {
+            ea = y.e;
+            break;
+          }
+      }
+      if (ea == kNone) {  // move the edge to the surviving region, untouched
+        la.push_back({n, eb});
         ++deg[a];
         continue;
       }
-      Edge &xa = ed[ea];
+      Edge &xa = ed[ea], &xb = ed[eb];
       Edge *keep, *drop;
-      u32 keep_id;
+      u32 keep_id, drop_id;
       if (xb.score > xa.score || (xb.score == xa.score && xb.key > xa.key)) {
-        keep = &xa;  // keep the edge with the lower (score, key)
-        drop = &xb;
-        keep_id = (u32)ea;
+        keep = &xa; drop = &xb; keep_id = ea; drop_id = eb;  // keep the lower (score, key)
       } else {  // b's edge is kept and moved to a
-        keep = &xb;
-        drop = &xa;
-        keep_id = eb;
-        xb.u = lo;
-        xb.v = hi;
-        table.insert(lo, hi, eb);
-        adj[a].push_back(eb);
+        keep = &xb; drop = &xa; keep_id = eb; drop_id = ea;
+        la.push_back({n, eb});
+        if (marks) mark[n] = eb;
       }
       g.add_into(*keep, *drop);
-      drop->meta |= kDeleted;
+      kill(drop_id);
       keep->meta |= kStale;
       if (drop->key < keep->key) {  // queue it by its new key at once
         keep->key = drop->key;
@@ -609,14 +613,16 @@ std::vector<torch::Tensor> merge(torch::Tensor eu_t, torch::Tensor ev_t, int64_t
       }
       --deg[n];
     }
-    deg[b] = 0;
-    std::vector<u32> &la = adj[a];
-    if (la.size() > 2 * (size_t)deg[a] + 16) {  // drop deleted ids now and then
-      size_t w = 0;
-      for (u32 x : la)
-        if (!ed[x].deleted()) la[w++] = x;
+    if (marks) {
+      for (const Adj &x : la) mark[x.n] = kNone;  // every entry holds a resolved id here
+    } else if (la.size() > 2 * (size_t)deg[a] + 16) {  // drop dead entries now and then
+      w = 0;
+      for (size_t i = 0; i < la.size(); ++i)
+        if (!is_dead(la[i].e)) la[w++] = {find(la[i].n), la[i].e};
       la.resize(w);
     }
+    deg[b] = 0;
+    std::vector<Adj>().swap(incident);
   }
   auto out_i = [](const std::vector<i64> &v) {
     auto t = torch::empty({(i64)v.size()}, torch::kInt64);
@@ -635,8 +641,10 @@ std::vector<torch::Tensor> merge(torch::Tensor eu_t, torch::Tensor ev_t, int64_t
   if (!frozen.empty()) {
     for (i64 e = 0; e < E; ++e) {
       const Edge &x = ed[e];
-      if (x.deleted() || !(frozen[x.u] || frozen[x.v])) continue;
-      re.push_back(e); ru.push_back(x.u); rv.push_back(x.v);
+      if (x.deleted()) continue;
+      const u32 xu = std::min(find(x.u), find(x.v)), xv = std::max(find(x.u), find(x.v));
+      if (!(frozen[xu] || frozen[xv])) continue;
+      re.push_back(e); ru.push_back(xu); rv.push_back(xv);
       rk.push_back(korig.empty() ? (i64)x.key : korig[x.key]);
       rs.push_back(x.score); rst.push_back(x.stale() ? 1 : 0);
       if (g.mean) { rsum.push_back(x.sum); rc.push_back(x.count); continue; }
