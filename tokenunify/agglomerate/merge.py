@@ -28,7 +28,7 @@ Two implementations with the identical merge history: the compiled one (``merge_
 once with torch's extension builder like the fused scan; flat arrays) is used whenever it
 builds, and the pure-Python one (:func:`agglomerate_graph_python`) is the reference of the
 tests and the fallback without a compiler. On a 1.5 M-edge grid graph the compiled one is about
-14-16x faster and takes about 160 bytes per edge to the Python one's 800
+15-23x faster and takes about 130 bytes per edge to the Python one's 840
 (``benchmarks/bench_merge.py``; the kernel's header says where the time goes).
 ``TOKENUNIFY_COMPILED_MERGE=0`` forces the Python one.
 """
