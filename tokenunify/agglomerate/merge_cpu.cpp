@@ -73,7 +73,7 @@ struct Edge {  // 40 B
     i64 hoff;    // quantile: offset of the histogram in the pool
   };
   i64 count;   // mean: samples; quantile: histogram total
-  u32 u, v;    // current ends, u < v
+  u32 u, v;    // ends as given (u < v); current ends resolve through the union-find
   u32 key;     // dense rank of the tie-break key
   u32 meta;    // deleted, stale, histogram length
   bool deleted() const { return meta & kDeleted; }
@@ -502,7 +502,6 @@ std::vector<torch::Tensor> merge(torch::Tensor eu_t, torch::Tensor ev_t, int64_t
   std::vector<i64> mu, mv;
   std::vector<double> ml;
   double level = -std::numeric_limits<double>::infinity();
-  std::vector<Adj> incident;
 
   while (!heap.empty() && heap.top().score < max_threshold) {
     const Queue::Item top = heap.top();
@@ -549,7 +548,7 @@ std::vector<torch::Tensor> merge(torch::Tensor eu_t, torch::Tensor ev_t, int64_t
     // entry that resolves to a, whichever costs less. The marks alone would cost a pass over
     // a's list per merge, quadratic when a large region absorbs small ones one by one.
     std::vector<Adj> &la = adj[a];
-    incident.clear();
+    std::vector<Adj> incident;  // b's list, freed with b at the end of the merge
     incident.swap(adj[b]);
     size_t w = 0, cost_n = 0;
     for (size_t i = 0; i < incident.size(); ++i) {  // b's live edges, neighbours resolved
@@ -602,7 +601,6 @@ std::vector<torch::Tensor> merge(torch::Tensor eu_t, torch::Tensor ev_t, int64_t
       } else {  // b's edge is kept and moved to a
         keep = &xb; drop = &xa; keep_id = eb; drop_id = ea;
         la.push_back({n, eb});
-        if (marks) mark[n] = eb;
       }
       g.add_into(*keep, *drop);
       kill(drop_id);
@@ -622,7 +620,6 @@ std::vector<torch::Tensor> merge(torch::Tensor eu_t, torch::Tensor ev_t, int64_t
       la.resize(w);
     }
     deg[b] = 0;
-    std::vector<Adj>().swap(incident);
   }
   auto out_i = [](const std::vector<i64> &v) {
     auto t = torch::empty({(i64)v.size()}, torch::kInt64);
