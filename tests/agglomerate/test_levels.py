@@ -201,7 +201,8 @@ def test_compiled_node_step_equals_the_python_one(scoring):
         stale = rng.random(len(df)) < 0.2  # handed up stale, with a lower stored score
         df.loc[stale, "score"] -= 0.05
         df["stale"] = stale
-        frozen = set(rng.choice(np.arange(1, 121), 10, replace=False).tolist())
+        # few frozen: on these graphs' tied scores most segments are tied to a frozen one
+        frozen = set(rng.choice(np.arange(1, 121), 3, replace=False).tolist())
         if seed % 2:  # large ids: the kernel works on the node's segments renumbered
             big = 1_000_000_000
             df[["u", "v", "k0", "k1"]] += big

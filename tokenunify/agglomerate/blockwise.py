@@ -45,7 +45,7 @@ from tokenunify.agglomerate import down
 from tokenunify.agglomerate import fragments as fr
 from tokenunify.agglomerate import levels as lv
 from tokenunify.agglomerate.graph import block_edges, reduce_edges, reduce_histograms, stitch
-from tokenunify.agglomerate.merge import TIES, MergeHistory, agglomerate_graph
+from tokenunify.agglomerate.merge import NODE_RULE, TIES, MergeHistory, agglomerate_graph
 from tokenunify.agglomerate.scoring import parse
 from tokenunify.agglomerate.whole_volume import named_fragments, waterz_segmentations
 from tokenunify.cluster import DaskConfig, batch_of, dask_client, hierarchy_phase
@@ -501,6 +501,8 @@ def run(affinities: str | Path, out: str | Path, cfg: AgglomerateConfig | None =
     vs, off = aff.attrs.get("voxel_size", [1.0] * 3), aff.attrs.get("offset", [0.0] * 3)
     settings = result_settings(asdict(cfg))
     settings["ties"] = TIES  # a staging folder merged with other tie rules is never resumed
+    if cfg.hierarchy:
+        settings["node_rule"] = NODE_RULE
     lineage = Lineage.of("agglomerate", {"cfg": settings, "shape": list(shape)},
                          {"affinities": affinities})
     block = tuple(min(b, n) for b, n in zip(cfg.block, shape, strict=True))

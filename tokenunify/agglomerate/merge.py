@@ -82,6 +82,10 @@ class MergeHistory:
 
 
 TIES = "canonical-keys"  # the tie rules above; part of the agglomerate stage's lineage
+# a hierarchy node's rule for what waits for the parent (hierarchy.py); part of the lineage
+# with agglomerate.hierarchy: nodes merged under the former rule (ends' own ties only) are
+# never resumed
+NODE_RULE = "tie-paths"
 
 
 def compiled_extension():
@@ -259,25 +263,34 @@ def merge_node(graph: NodeGraph, frozen: set, scoring: Scoring, max_threshold: f
     level = -np.inf
     bar = tqdm(total=progress, desc="agglomerate", unit="merge", disable=None if progress else True,
                leave=False)
+    ties = _Ties(adj, score, frozen)
     while heap and heap[0][0] < max_threshold:
         s, k, e = heapq.heappop(heap)
+        if s > level:
+            ties.new_level(s)
         level = max(level, s)
         if deleted[e] or k != key[e]:
             continue
+        a, b = eu[e], ev[e]
+        # in a node: whether the parent may already have merged this edge's ends (tied with
+        # frozen segments at this level); then it waits for the parent, and so do its regions,
+        # unless one end is frozen and the other can only join it through this edge
+        hot = bool(frozen) and ties.tainted(a)
         if stale[e]:
             score[e] = scoring.score(state[e])
             stale[e] = False
+            ties.rescored(e)
+            if hot and score[e] > level and not ties.only_link(a, b):  # it leaves the level:
+                frozen.update((a, b))  # its ends may have merged in the parent, they wait
             heapq.heappush(heap, (score[e], key[e], e))
             continue
-        a, b = eu[e], ev[e]
-        # its merge waits for the parent, and so do its regions, when an end is frozen, or when
-        # an end has an edge to a frozen segment scored no higher (a tie: the parent may merge
-        # that first, which changes this edge's neighbourhood)
-        if frozen and (a in frozen or b in frozen or any(
-                n in frozen and score[x] <= s for r in (a, b) for n, x in adj[r].items())):
-            frozen.update((a, b))
-            continue
-        if len(adj[a]) < len(adj[b]):
+        if hot:
+            if not ties.only_link(a, b):
+                frozen.update((a, b))
+                continue
+            if b in frozen:  # the frozen end absorbs: its id is the one the parent knows
+                a, b = b, a
+        elif len(adj[a]) < len(adj[b]):
             a, b = b, a
         merges.append((a, b, level))
         bar.update()
@@ -312,3 +325,62 @@ def merge_node(graph: NodeGraph, frozen: set, scoring: Scoring, max_threshold: f
         if not deleted[e] and (eu[e] in frozen or ev[e] in frozen):
             residual.add(eu[e], ev[e], key[e], state[e], score[e], stale[e])
     return merges, residual
+
+
+class _Ties:
+    """Which segments of a node the parent may already have merged with frozen ones, at the
+    current level ``s`` of the queue (see hierarchy.py).
+
+    Globally, a frozen segment absorbs at level ``s`` what the parent lets it, in key order;
+    the parent's merges lower keys (a merged edge takes the smaller key of its parts), so the
+    node cannot tell which of the edges tied at ``s`` it pops first. A segment is *tainted* at
+    ``s`` when a path of live edges stored at ``s`` or below (or re-scored at ``s``: they were
+    tied when the level began) links it to a frozen segment; the parent may have merged it
+    before any pop of this level. The taint is a property of the level's tie components, which
+    the level's merges, freezes and absorptions do not change (they only act on tainted
+    segments, or join two untainted ones linked by a tie), so it is computed once per
+    component and level."""
+
+    def __init__(self, adj: dict, score: list, frozen: set):
+        self.adj, self.score, self.frozen = adj, score, frozen
+        self.level = -np.inf
+        self.now: set = set()   # edges re-scored at this level
+        self.memo: dict = {}    # segment -> tainted at this level
+
+    def new_level(self, level: float) -> None:
+        self.level = level
+        self.now.clear()
+        self.memo.clear()
+
+    def rescored(self, e: int) -> None:
+        self.now.add(e)
+
+    def tainted(self, r) -> bool:
+        if r in self.frozen:
+            return True
+        if r in self.memo:
+            return self.memo[r]
+        seen, todo, hit = {r}, [r], False
+        while todo and not hit:
+            for m, y in self.adj[todo.pop()].items():
+                if m in seen or (self.score[y] > self.level and y not in self.now):
+                    continue
+                if m in self.frozen:
+                    hit = True
+                    break
+                seen.add(m)
+                todo.append(m)
+        for q in seen:
+            self.memo[q] = hit
+        return hit
+
+    def only_link(self, a, b) -> bool:
+        """Whether the popped edge (a, b) is the whole of the link between its unfrozen end and
+        the global segment of its frozen end: one end is frozen and none of the other end's
+        other neighbours is frozen or tainted (so none is in that segment yet). Then the
+        unfrozen end joins it here, on this edge, or (the edge stale and re-scored higher) not
+        at this level."""
+        if (a in self.frozen) == (b in self.frozen):
+            return False
+        f, x = (a, b) if a in self.frozen else (b, a)
+        return all(n == f or not self.tainted(n) for n in self.adj[x])

@@ -20,6 +20,7 @@
 //   adjacency    (neighbour, edge) per fragment and edge end (dead entries dropped lazily)
 //                                                                          16 B per edge (+24 B per node)
 //   regions      union-find parents, degrees, marks: 12 B per node; dead edges: 1 bit per edge
+//                in a hierarchy node also the frozen mask and the ties' answers: 6 B per node
 //   queue        the quantile's scores take `bins` values: one binary heap per value (the one in
 //                use is small and stays in cache); the mean: an aligned 4-ary heap
 //                                                                          16-32 B per edge
@@ -62,7 +63,8 @@ using i64 = int64_t;
 using u32 = uint32_t;
 using u64 = uint64_t;
 
-constexpr u32 kDeleted = 1u << 31, kStale = 1u << 30, kLenMask = kStale - 1;
+// kTie: re-scored at the current level (a hierarchy node counts it as tied there)
+constexpr u32 kDeleted = 1u << 31, kStale = 1u << 30, kTie = 1u << 29, kLenMask = kTie - 1;
 constexpr int kBinShift = 48;
 constexpr u64 kCountMask = (1ULL << kBinShift) - 1;
 
@@ -75,7 +77,7 @@ struct Edge {  // 40 B
   i64 count;   // mean: samples; quantile: histogram total
   u32 u, v;    // ends as given (u < v); current ends resolve through the union-find
   u32 key;     // dense rank of the tie-break key
-  u32 meta;    // deleted, stale, histogram length
+  u32 meta;    // deleted, stale, tie, histogram length
   bool deleted() const { return meta & kDeleted; }
   bool stale() const { return meta & kStale; }
   u32 hlen() const { return meta & kLenMask; }
@@ -503,40 +505,104 @@ std::vector<torch::Tensor> merge(torch::Tensor eu_t, torch::Tensor ev_t, int64_t
   std::vector<double> ml;
   double level = -std::numeric_limits<double>::infinity();
 
+  // A hierarchy node (frozen not empty): which segments the parent may already have merged
+  // with frozen ones at the current level (merge.py's _Ties): a segment is tainted when live
+  // edges stored at the level or below, or re-scored at it, link it to a frozen segment. One
+  // search per tie component and level; stamp/taint hold the answers of the current level
+  // (taint 2: in the search under way).
+  std::vector<u32> stamp, todo, seen, tied_now;
+  std::vector<uint8_t> taint;
+  u32 epoch = 0;
+  if (!frozen.empty()) {
+    stamp.assign(n_fragments + 1, 0);
+    taint.assign(n_fragments + 1, 0);
+  }
+  auto new_level = [&]() {
+    ++epoch;
+    for (u32 x : tied_now) ed[x].meta &= ~kTie;
+    tied_now.clear();
+  };
+  auto tainted = [&](u32 r) -> bool {
+    if (frozen[r]) return true;
+    if (stamp[r] == epoch) return taint[r] == 1;
+    seen.assign(1, r);
+    todo.assign(1, r);
+    stamp[r] = epoch;
+    taint[r] = 2;
+    bool hit = false;
+    while (!todo.empty() && !hit) {
+      const u32 q = todo.back();
+      todo.pop_back();
+      for (const Adj &x : adj[q]) {
+        if (is_dead(x.e)) continue;
+        const Edge &y = ed[x.e];
+        if (y.score > level && !(y.meta & kTie)) continue;
+        const u32 m = find(x.n);
+        if (frozen[m] || (stamp[m] == epoch && taint[m] == 1)) {
+          hit = true;
+          break;
+        }
+        if (stamp[m] == epoch) continue;
+        stamp[m] = epoch;
+        taint[m] = 2;
+        seen.push_back(m);
+        todo.push_back(m);
+      }
+    }
+    for (u32 q : seen) taint[q] = hit ? 1 : 0;
+    return hit;
+  };
+  // Whether the popped edge (a, b) is the whole link between its unfrozen end and the global
+  // segment of its frozen end: none of the unfrozen end's other neighbours is tainted.
+  auto only_link = [&](u32 a, u32 b) -> bool {
+    if (frozen[a] == frozen[b]) return false;
+    const u32 f = frozen[a] ? a : b, x = frozen[a] ? b : a;
+    for (const Adj &y : adj[x]) {
+      if (is_dead(y.e)) continue;
+      const u32 n = find(y.n);
+      if (n != f && tainted(n)) return false;
+    }
+    return true;
+  };
+
   while (!heap.empty() && heap.top().score < max_threshold) {
     const Queue::Item top = heap.top();
     const u32 e = (u32)top.ke;
     heap.pop();
     heap.near_top([ed](u64 ke) { __builtin_prefetch(&ed[(u32)ke]); });  // the next pops'
+    if (top.score > level && !frozen.empty()) new_level();
     level = std::max(level, top.score);
     Edge &te = ed[e];
     if (te.deleted() || (top.ke >> 32) != te.key) continue;  // gone, or queued again under a new key
     if (te.stale()) {
+      bool hot = false;
+      u32 a = 0, b = 0;
+      if (!frozen.empty()) {
+        a = find(te.u);
+        b = find(te.v);
+        hot = tainted(a);
+        te.meta |= kTie;  // tied at this level, whatever its new score
+        tied_now.push_back(e);
+      }
       te.score = g.rescore(te);
       te.meta &= ~kStale;
+      if (hot && te.score > level && !only_link(a, b))  // it leaves the level, and its ends may
+        frozen[a] = frozen[b] = 1;                      // have merged in the parent: they wait
       heap.push({te.score, ((u64)te.key << 32) | e});
       continue;
     }
     u32 a = find(te.u), b = find(te.v);
     if (b < a) std::swap(a, b);
-    if (!frozen.empty()) {  // a hierarchy node: the merge may have to wait for the parent
-      bool wait = frozen[a] || frozen[b];
-      for (u32 r : {a, b}) {  // an edge to a frozen segment scored no higher: a tie that the
-        if (wait) break;      // parent may resolve first (see hierarchy.py)
-        for (const Adj &x : adj[r]) {
-          if (is_dead(x.e)) continue;
-          if (frozen[find(x.n)] && ed[x.e].score <= top.score) {
-            wait = true;
-            break;
-          }
-        }
-      }
-      if (wait) {
-        frozen[a] = frozen[b] = 1;
+    bool absorb = false;
+    if (!frozen.empty() && tainted(a)) {  // the parent may already have merged its ends: it
+      if (!only_link(a, b)) {             // waits, unless the unfrozen end can only join the
+        frozen[a] = frozen[b] = 1;        // frozen one through this edge
         continue;
       }
+      absorb = true;
+      if (frozen[b]) std::swap(a, b);  // the frozen end absorbs: its id is the one the parent knows
     }
-    if (deg[a] < deg[b]) std::swap(a, b);  // absorb the region with fewer neighbours
+    if (!absorb && deg[a] < deg[b]) std::swap(a, b);  // absorb the region with fewer neighbours
     mu.push_back(a);
     mv.push_back(b);
     ml.push_back(level);
