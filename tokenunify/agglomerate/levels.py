@@ -52,6 +52,7 @@ from tokenunify.agglomerate.graph import stitch_pairs
 from tokenunify.agglomerate.lookup import NodeJoins, exported_mins
 from tokenunify.agglomerate.merge import NodeGraph, merge_node
 from tokenunify.agglomerate.scoring import Scoring, discretize
+from tokenunify.heap import arrow_system_pool
 
 log = logging.getLogger(__name__)
 
@@ -208,11 +209,15 @@ def _block_graph(edges_dir: Path, idx, grid, scoring: Scoring, n_fragments: int
 
 def merge_frames(df: pd.DataFrame, hist: pd.DataFrame | None, frozen, scoring: Scoring,
                  max_threshold: float, engine: str = "auto"
-                 ) -> tuple[list, pd.DataFrame, pd.DataFrame | None]:
-    """:func:`~tokenunify.agglomerate.merge.merge_node` on a level table: (merges, residual
-    table, residual histograms). Runs the compiled kernel (``merge_cpu.cpp``, the same one as
-    the global merge) unless it is unavailable or ``engine`` is 'python'. ``frozen`` (the
-    frozen segment ids, a set or an int64 array) is read, not updated."""
+                 ) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], pd.DataFrame,
+                            pd.DataFrame | None]:
+    """:func:`~tokenunify.agglomerate.merge.merge_node` on a level table: (merges as arrays
+    (u, v, level) (int64, int64, float64), residual table, residual histograms). Runs the
+    compiled kernel (``merge_cpu.cpp``, the same one as the global merge) unless it is
+    unavailable or ``engine`` is 'python'. ``frozen`` (the frozen segment ids, a set or an
+    int64 array) is read, not updated. ``hist`` rows grouped by edge in the order of ``df``
+    (as the node's tables are written) are used as they are; otherwise they are joined on the
+    key."""
     from tokenunify.agglomerate.merge import compiled_extension
 
     ext = None if engine == "python" else compiled_extension()
@@ -221,7 +226,9 @@ def merge_frames(df: pd.DataFrame, hist: pd.DataFrame | None, frozen, scoring: S
         merges, residual = merge_node(_from_frames(df, hist, scoring), hot, scoring,
                                       max_threshold)
         rdf, rh = _to_frames(residual, scoring)
-        return merges, rdf, rh
+        mu, mv, ml = zip(*merges, strict=True) if merges else ((), (), ())
+        return (np.asarray(mu, np.int64), np.asarray(mv, np.int64),
+                np.asarray(ml, np.float64)), rdf, rh
     import torch
 
     k0, k1 = df["k0"].to_numpy(np.int64), df["k1"].to_numpy(np.int64)
@@ -249,18 +256,14 @@ def merge_frames(df: pd.DataFrame, hist: pd.DataFrame | None, frozen, scoring: S
     if scoring.kind == "mean":
         sums, counts = df["sum"].to_numpy(np.float64), df["count"].to_numpy(np.int64)
     else:
-        rows = pd.DataFrame({"k0": k0, "k1": k1, "edge": np.arange(len(df))})
-        h = hist.merge(rows, on=["k0", "k1"], how="inner").sort_values(["edge", "bin"])
-        off[1:] = np.cumsum(np.bincount(h["edge"].to_numpy(), minlength=len(df)))
-        hbin, hcnt = h["bin"].to_numpy(np.int32), h["n"].to_numpy(np.int64)
+        off, hbin, hcnt = _edge_histograms(key, hist)
     out = ext.merge(t(u), t(v), 0 if scoring.kind == "mean" else 1, t(sums), t(counts), t(off),
                     t(hbin), t(hcnt), scoring.quantile, scoring.bins, n, float(max_threshold),
                     t(key), t(df["score"].to_numpy(np.float64)),
                     t(df["stale"].to_numpy().astype(np.uint8)), t(mask))
     out = [x.numpy() for x in out]
     back = np.concatenate([[0], seg])  # local id -> segment id
-    merges = list(zip(back[out[0]].tolist(), back[out[1]].tolist(), out[2].tolist(),
-                      strict=True))
+    merges = back[out[0]], back[out[1]], out[2]
     out[4], out[5] = back[out[4]], back[out[5]]
     rk = out[6]
     rdf = pd.DataFrame({"u": out[4], "v": out[5], "k0": rk >> 32, "k1": rk & (2**32 - 1),
@@ -274,6 +277,29 @@ def merge_frames(df: pd.DataFrame, hist: pd.DataFrame | None, frozen, scoring: S
                        "k1": np.repeat(rdf["k1"].to_numpy(), lens),
                        "bin": out[10].astype(np.int64), "n": out[11]})
     return merges, rdf, rh
+
+
+def _edge_histograms(key: np.ndarray, hist: pd.DataFrame
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The kernel's histogram CSR (offsets (E + 1,), bins int32, counts int64) of the edges
+    with keys ``key`` (k0 << 32 | k1) from a (k0, k1, bin, n) table. The nodes write and
+    concatenate their tables with each edge's rows together, sorted by bin, in edge order:
+    those are taken as they are, without a join (which would hold the table three times)."""
+    hk = (hist["k0"].to_numpy(np.int64) << 32) | hist["k1"].to_numpy(np.int64)
+    bins = hist["bin"].to_numpy()
+    first = np.ones(len(hk), bool)
+    first[1:] = hk[1:] != hk[:-1]
+    starts = np.flatnonzero(first)
+    if np.array_equal(hk[starts], key) and (
+            len(bins) < 2 or ((bins[1:] > bins[:-1]) | first[1:]).all()):
+        off = np.append(starts, len(hk)).astype(np.int64)
+        return off, bins.astype(np.int32), hist["n"].to_numpy(np.int64)
+    rows = pd.DataFrame({"key": key, "edge": np.arange(len(key))})
+    h = pd.DataFrame({"key": hk, "bin": bins, "n": hist["n"].to_numpy()}).merge(
+        rows, on="key", how="inner").sort_values(["edge", "bin"])
+    off = np.zeros(len(key) + 1, np.int64)
+    off[1:] = np.cumsum(np.bincount(h["edge"].to_numpy(), minlength=len(key)))
+    return off, h["bin"].to_numpy(np.int32), h["n"].to_numpy(np.int64)
 
 
 def _groups(raw: pd.DataFrame, groups: pd.DataFrame, inside_u, inside_v,
@@ -330,6 +356,7 @@ def node_task(work: str, level: int, node, grids, fanout, frag_blocks: FragmentB
               scoring: Scoring, thresholds, stitch_threshold: float | None = None) -> None:
     """Merge one node of one level up to the largest of ``thresholds`` (see the module
     docstring); the caller marks it done."""
+    arrow_system_pool()  # freed read buffers go back at once, not at the task's end
     thresholds = tuple(float(t) for t in thresholds)
     work = Path(work)
     out = work / "levels"
@@ -379,6 +406,7 @@ def node_task(work: str, level: int, node, grids, fanout, frag_blocks: FragmentB
         raw_hist = (pd.concat(parts[".rawhist"], ignore_index=True).drop_duplicates(
             ["u", "v", "bin"]) if parts[".rawhist"] else None)
         groups = pd.concat(parts[".groups"], ignore_index=True)
+        del parts  # the concatenations are copies
         child_ids, child_mins = merged_exports([exports(out / node_name(level - 1, k))
                                                 for k in kids])
     if level == 0:
@@ -409,13 +437,18 @@ def node_task(work: str, level: int, node, grids, fanout, frag_blocks: FragmentB
         new_hist = m.assign(u=np.minimum(mu, mv), v=np.maximum(mu, mv))
         new_hist = new_hist[new_hist["u"] != new_hist["v"]].groupby(
             ["u", "v", "bin"], as_index=False)["n"].sum()
+        del m
     df, h = _leaf_frames(new, new_hist, scoring)
+    del new, new_hist, raw
     if state is not None and len(state):
         df = pd.concat([state, df[state.columns]], ignore_index=True)
         h = pd.concat([x for x in (state_h, h) if x is not None], ignore_index=True) \
             if h is not None or state_h is not None else None
+    del state, state_h
     frozen = np.union1d(rep_u[~ready], rep_v[~ready])
     merges, rdf, rh = merge_frames(df, h, frozen, scoring, max(thresholds))
+    n_edges = len(df)
+    del df, h
     # groups the parent needs: every member of an open group, and the members that carried
     # edges name; groups completed here go into the history's stitched representatives
     big = np.zeros(len(ids), bool)
@@ -441,18 +474,15 @@ def node_task(work: str, level: int, node, grids, fanout, frag_blocks: FragmentB
     inside_ends = np.concatenate([rep_u[~ready & in_u], rep_v[~ready & in_v]])
     exported = np.unique(np.concatenate([rdf["u"].to_numpy(np.int64), rdf["v"].to_numpy(np.int64),
                                          inside_ends, ids[~complete]]))
-    joins = NodeJoins(np.asarray([m[0] for m in merges], np.int64),
-                      np.asarray([m[1] for m in merges], np.int64),
-                      np.asarray([m[2] for m in merges], np.float64),
-                      ids[done_g], rep[done_g], exported)
+    joins = NodeJoins(merges[0], merges[1], merges[2], ids[done_g], rep[done_g], exported)
     np.savez(str(base) + ".merges.npz", u=joins.u.astype(np.uint64), v=joins.v.astype(np.uint64),
              level=joins.level, pre_fragment=joins.pre_fragment.astype(np.uint64),
              pre_rep=joins.pre_rep.astype(np.uint64), exported=exported,
              mins=exported_mins(joins, thresholds, child_ids, child_mins),
-             edges=len(df), residual=len(rdf))  # the node's size, for its memory
+             edges=n_edges, residual=len(rdf))  # the node's size, for its memory
     rdf.to_parquet(str(base) + ".parquet")  # written last: its presence means done
     log.debug("level %d node %s: %d edges, %d carried up raw, %d merges, %d residual", level,
-              node, len(df), len(carry), len(merges), len(rdf))
+              node, n_edges, len(carry), len(merges[0]), len(rdf))
 
 
 def exports(base: Path) -> tuple[np.ndarray, np.ndarray]:
