@@ -28,8 +28,8 @@ it, the part of an object near a face arrives there mostly merged. Measured
 (tests/agglomerate/test_hierarchy.py, test_levels.py): identical segmentations at every
 threshold for the mean and for the quantile on 256 bins (and on 8 or 4 bins, where ties are
 everywhere), levels equal up to the rounding of sums added in another order. (An earlier rule
-looked only at the ends' own edges to frozen segments; a path of two ties fooled it, which
-random graphs on 4 tied levels showed in 1 case of 1 600.)
+looked only at the ends' own edges to frozen segments; a path of two ties fooled it, on 1 of
+4 000 random graphs with scores on 4 levels.)
 
 This module is the in-memory reference of the whole reduction (:func:`hierarchical_merge`); the
 node step, :func:`~tokenunify.agglomerate.merge.merge_node`, lives with the global merge (the
