@@ -150,7 +150,8 @@ def test_ties_along_paths():
 def test_a_frozen_segment_absorbs_what_only_it_reaches(engine):
     """A chain frozen 1 - 2 - 3 - 4 with distinct scores and nothing tied: 2, 3 and 4 can only
     join 1's segment through the chain, so the node merges them into 1 (which keeps its id)
-    and hands up one segment's edges, not four fragments'."""
+    and hands up none of the chain's edges (the old rule froze the whole chain and handed up
+    all three)."""
     from tokenunify.agglomerate import levels as lv
     from tokenunify.agglomerate.merge import compiled_extension
 
