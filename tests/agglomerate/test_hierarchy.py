@@ -54,6 +54,17 @@ def octree(ids: np.ndarray, leaf: int):
     return leaf_of, parents
 
 
+def tied_grid(ids: np.ndarray, rng) -> pd.DataFrame:
+    """Edges of the fragment grid ``ids`` with counts 1-2 and mean affinities on 4 levels (ties
+    everywhere), sorted by (u, v)."""
+    pairs = [(ids[1:], ids[:-1]), (ids[:, 1:], ids[:, :-1]), (ids[:, :, 1:], ids[:, :, :-1])]
+    u = np.concatenate([b.ravel() for _, b in pairs])
+    v = np.concatenate([a.ravel() for a, _ in pairs])
+    count, mean = rng.integers(1, 3, len(u)), rng.integers(0, 4, len(u)) / 4
+    edges = pd.DataFrame({"u": u, "v": v, "count": count, "sum": mean * count, "max": mean})
+    return edges.sort_values(["u", "v"]).reset_index(drop=True)
+
+
 @pytest.mark.parametrize("scoring", [MEAN, QUANTILE])
 @pytest.mark.parametrize("leaf", [2, 4, 8])
 def test_same_segmentation_as_the_global_merge(scoring, leaf):
@@ -94,12 +105,7 @@ def test_ties_everywhere(scoring):
     for seed in range(150):
         rng = np.random.default_rng(seed)
         ids = np.arange(1, 37).reshape(4, 3, 3)
-        pairs = [(ids[1:], ids[:-1]), (ids[:, 1:], ids[:, :-1]), (ids[:, :, 1:], ids[:, :, :-1])]
-        u = np.concatenate([b.ravel() for _, b in pairs])
-        v = np.concatenate([a.ravel() for a, _ in pairs])
-        count, mean = rng.integers(1, 3, len(u)), rng.integers(0, 4, len(u)) / 4
-        edges = pd.DataFrame({"u": u, "v": v, "count": count, "sum": mean * count, "max": mean})
-        edges = edges.sort_values(["u", "v"]).reset_index(drop=True)
+        edges = tied_grid(ids, rng)
         leaf_of = np.zeros(37, np.int64)
         leaf_of[ids[2:].ravel()] = 1
         ref = agglomerate_graph_python(edges, 36, s, 0.9)
@@ -123,14 +129,7 @@ def test_ties_along_paths():
         for s in scorings:
             dz = int(rng.integers(2, 6))
             ids = np.arange(1, dz * 9 + 1).reshape(dz, 3, 3)
-            pairs = [(ids[1:], ids[:-1]), (ids[:, 1:], ids[:, :-1]),
-                     (ids[:, :, 1:], ids[:, :, :-1])]
-            u = np.concatenate([b.ravel() for _, b in pairs])
-            v = np.concatenate([a.ravel() for a, _ in pairs])
-            count, mean = rng.integers(1, 3, len(u)), rng.integers(0, 4, len(u)) / 4
-            edges = pd.DataFrame({"u": u, "v": v, "count": count, "sum": mean * count,
-                                  "max": mean})
-            edges = edges.sort_values(["u", "v"]).reset_index(drop=True)
+            edges = tied_grid(ids, rng)
             n, leaves = ids.size, int(rng.integers(2, 5))
             leaf_of = np.zeros(n + 1, np.int64)
             leaf_of[1:] = (rng.integers(0, leaves, n) if rng.random() < 0.5

@@ -247,9 +247,9 @@ def test_leaf_tables_are_the_initial_states(scoring):
                                       check_dtype=False)
 
 
-def test_edge_histograms_taken_in_order_or_joined():
-    """A node's histogram table in edge order is taken as it is; shuffled, or with an edge
-    missing, it is joined on the key: the same CSR either way."""
+def test_edge_histograms_taken_in_order_or_joined(monkeypatch):
+    """A node's histogram table in edge order is taken as it is (no join); shuffled, or with
+    an edge missing, it is joined on the key: the same CSR either way."""
     rng = np.random.default_rng(0)
     k0 = np.sort(rng.choice(np.arange(1, 5000), 300, replace=False))
     k1 = k0 + rng.integers(1, 50, 300)
@@ -258,9 +258,14 @@ def test_edge_histograms_taken_in_order_or_joined():
     bins = np.concatenate([np.sort(rng.choice(256, n, replace=False)) for n in lens])
     hist = pd.DataFrame({"k0": np.repeat(k0, lens), "k1": np.repeat(k1, lens), "bin": bins,
                          "n": rng.integers(1, 9, len(bins))})
+    joins = []
+    merge = pd.DataFrame.merge
+    monkeypatch.setattr(pd.DataFrame, "merge", lambda *a, **k: joins.append(1) or merge(*a, **k))
     want = lv._edge_histograms(key, hist)
+    assert not joins  # taken as it is
     np.testing.assert_array_equal(want[0], np.concatenate([[0], np.cumsum(lens)]))
     got = lv._edge_histograms(key, hist.sample(frac=1.0, random_state=1))
+    assert joins  # joined
     for a, b in zip(got, want, strict=True):
         np.testing.assert_array_equal(a, b)
     gone = hist[hist["k0"] != k0[7]]  # edge 7 without a histogram: an empty one
