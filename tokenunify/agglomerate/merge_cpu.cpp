@@ -208,9 +208,9 @@ class BucketQueue {
   double top_score() const { return score(cur_); }
   u64 top_ke() const { return b_[cur_].front(); }
   template <typename F>
-  void near_top(F f) const {  // the entries popped next: the top three levels of the heap
+  void near_top(F f) const {  // the entries popped next: the top four levels of the heap
     const auto &h = b_[cur_];
-    for (size_t i = 0; i < std::min<size_t>(h.size(), 7); ++i) f(h[i]);
+    for (size_t i = 0; i < std::min<size_t>(h.size(), 15); ++i) f(h[i]);
   }
   void pop() {
     std::pop_heap(b_[cur_].begin(), b_[cur_].end(), std::greater<u64>());
@@ -556,6 +556,7 @@ std::vector<torch::Tensor> merge(torch::Tensor eu_t, torch::Tensor ev_t, int64_t
     heap.near_top([ed](u64 ke) { __builtin_prefetch(&ed[(u32)ke]); });  // the next pops'
     if (top.score > level && !frozen.empty()) new_level();
     level = std::max(level, top.score);
+    if (is_dead(e)) continue;  // (the bitset is in cache, the edge may not be)
     Edge &te = ed[e];
     if (te.deleted() || (top.ke >> 32) != te.key) continue;  // gone, or queued again under a new key
     if (te.stale()) {
@@ -625,6 +626,12 @@ std::vector<torch::Tensor> merge(torch::Tensor eu_t, torch::Tensor ev_t, int64_t
           __builtin_prefetch(&ed[x.e]);
           __builtin_prefetch(&ed[mark[x.n]]);
         }
+      if (!g.mean)  // ... and their histograms
+        for (const Adj &x : incident)
+          if (mark[x.n] != kNone) {
+            __builtin_prefetch(g.pool.p + ed[x.e].hoff);
+            __builtin_prefetch(g.pool.p + ed[mark[x.n]].hoff);
+          }
     }
     for (const Adj &x : incident) {
       const u32 eb = x.e, n = x.n;
