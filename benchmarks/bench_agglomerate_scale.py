@@ -17,8 +17,9 @@ step), and the peak RSS of the largest single process (the client's or a worker'
 octree also the largest node of every level (edges it merged, residual edges it passed up,
 from the nodes' files), which is what the top levels' memory follows. Then the growth of peak
 RSS and of time per voxel from the second size to the largest, and a projection to 10^12 voxels
-from the measured per-block figures of the largest run. Both runs' segmentations are compared
-(they must be identical).
+from the measured per-block figures of the largest run, with the largest node (the one below
+the root, which grows with the volume's cross-section) scaled up from its measured size. Both
+runs' segmentations are compared (they must be identical).
 
     python benchmarks/bench_agglomerate_scale.py --sizes 128 256     # quick
     python benchmarks/bench_agglomerate_scale.py                     # up to 1024^3 (hours)
@@ -158,6 +159,28 @@ def same(a: str, b: str) -> bool:
                for k in names for z in range(0, n, BLOCK[0]))
 
 
+def project_top(n: int, hier: dict, side: float) -> str:
+    """The largest node at a cube of ``side`` voxels, from the octree run of an n^3 cube.
+
+    A node holds its children's residuals: the segments along the faces between them. The
+    largest node is the one below the root (half the volume, the same shape at any size), and
+    its faces grow with the cross-section: edges, time and memory above the workers' base scale
+    by (side / n)^2. Bytes per edge: the largest node's level against level 0 (peak RSS of the
+    level's largest worker, per edge of its largest node)."""
+    nodes, peaks, steps = hier["nodes"], hier["peaks"], hier["steps"]
+    top = max(nodes, key=lambda k: nodes[k][0])
+    e1, e0 = nodes[top][0], nodes[0][0]
+    p1, p0 = peaks[f"merge level {top}"][1], peaks["merge level 0"][1]
+    per_edge = (p1 - p0) * 2**30 / max(e1 - e0, 1)
+    scale = (side / n) ** 2
+    return (f"PROJECTION largest node at {side:.0e}^3 voxels: level {top} at {n}^3 merged {e1} "
+            f"edges in {steps[f'merge level {top}']:.0f} s with {p1:.2f} GB "
+            f"({per_edge:.0f} B per edge above level 0); x (side / n)^2 = {scale:.0f}: about "
+            f"{e1 * scale:.2e} edges, {(p1 + per_edge * e1 * (scale - 1) / 2**30):.0f} GB and "
+            f"{steps[f'merge level {top}'] * scale / 3600:.1f} h in one task, on the levels' "
+            f"critical path")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[128, 256, 512, 1024])
@@ -210,7 +233,8 @@ def main() -> int:
         big = 1e12 / np.prod(BLOCK)
         print(f"PROJECTION 10^12 voxels: {big:.2e} blocks, {per_block:.2f} core-s per block -> "
               f"{big * per_block / 1000 / 3600:.1f} h on 1000 cores (octree, levels in sequence "
-              f"ignored); per-task memory as measured at {n1}^3")
+              f"ignored); block tasks' memory as measured at {n1}^3")
+        print(project_top(n1, h1, 1e4))
     return 0 if all(r[3] for r in rows) else 1
 
 

@@ -7,8 +7,8 @@ Python). Each engine runs in a fresh subprocess, so its peak RSS (VmHWM, peak_rs
 graph building is timed apart from the merge. Prints per size: fragments, edges, merge seconds
 of each engine (the median of --repeat), the ratio, the ratio of each process's first merge
 (what a job that merges once pays, fresh pages included), peak RSS and the RSS above a process
-that only built the graph, per edge. Both engines produce the identical history (checked here on the merge count and
-in tests/agglomerate/test_merge_compiled.py on the full history).
+that only built the graph, per edge. Both engines produce the identical history (checked here
+on the merge count and in tests/agglomerate/test_merge_compiled.py on the full history).
 
     python benchmarks/bench_merge.py            # n = 20, 40, 80 (the largest: 1.5 M edges)
     python benchmarks/bench_merge.py --n 20 40  # quicker

@@ -52,7 +52,7 @@ from tokenunify.agglomerate.graph import stitch_pairs
 from tokenunify.agglomerate.lookup import NodeJoins, exported_mins
 from tokenunify.agglomerate.merge import NodeGraph, merge_node
 from tokenunify.agglomerate.scoring import Scoring, discretize
-from tokenunify.heap import arrow_system_pool
+from tokenunify.heap import arrow_system_pool, release_free_memory
 
 log = logging.getLogger(__name__)
 
@@ -257,6 +257,7 @@ def merge_frames(df: pd.DataFrame, hist: pd.DataFrame | None, frozen, scoring: S
         sums, counts = df["sum"].to_numpy(np.float64), df["count"].to_numpy(np.int64)
     else:
         off, hbin, hcnt = _edge_histograms(key, hist)
+    release_free_memory()
     out = ext.merge(t(u), t(v), 0 if scoring.kind == "mean" else 1, t(sums), t(counts), t(off),
                     t(hbin), t(hcnt), scoring.quantile, scoring.bins, n, float(max_threshold),
                     t(key), t(df["score"].to_numpy(np.float64)),
