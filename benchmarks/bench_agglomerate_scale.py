@@ -167,7 +167,8 @@ def project_top(n: int, hier: dict, side: float) -> str:
     its faces grow with the cross-section: edges, time and memory above the workers' base scale
     by (side / n)^2. Bytes per edge: the largest node's level against level 0 (peak RSS of the
     level's largest worker, per edge of its largest node)."""
-    nodes, peaks, steps = hier["nodes"], hier["peaks"], hier["steps"]
+    nodes = {int(k): v for k, v in hier["nodes"].items()}  # JSON made the levels strings
+    peaks, steps = hier["peaks"], hier["steps"]
     top = max(nodes, key=lambda k: nodes[k][0])
     e1, e0 = nodes[top][0], nodes[0][0]
     p1, p0 = peaks[f"merge level {top}"][1], peaks["merge level 0"][1]
