@@ -13,6 +13,7 @@ on the merge count and in tests/agglomerate/test_merge_compiled.py on the full h
     python benchmarks/bench_merge.py            # n = 20, 40, 80 (the largest: 1.5 M edges)
     python benchmarks/bench_merge.py --n 20 40  # quicker
     python benchmarks/bench_merge.py --n 80 --repeat 3  # the median of 3 merges per engine
+    python benchmarks/bench_merge.py --n 40 80 --repeat 3 --against 7fb919d  # and the issue's
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -49,6 +51,9 @@ def child(n: int, engine: str, repeat: int = 1) -> None:
 
     if engine == "compiled":
         compiled_extension()  # load the cached build before measuring
+    if engine.startswith("python@"):  # the Python merge of an earlier commit, from git
+        agglomerate_graph = merge_at(engine[len("python@"):])
+        engine = "python"
     edges = grid_graph(n)
     base = peak_rss_gb() * 2**20
     merges, times, peak = 0, [], 0.0
@@ -63,6 +68,27 @@ def child(n: int, engine: str, repeat: int = 1) -> None:
                       "peak_kb": peak, "graph_kb": base}))
 
 
+def merge_at(commit: str):
+    """``agglomerate_graph`` of ``tokenunify/agglomerate/merge.py`` at ``commit`` (read with
+    ``git show``; it must take the same arguments), for the ratio against an older merge."""
+    import importlib.util
+    import tempfile
+
+    text = subprocess.run(["git", "-C", str(Path(__file__).parent), "show",
+                           f"{commit}:tokenunify/agglomerate/merge.py"], check=True,
+                          capture_output=True, text=True).stdout
+    path = Path(tempfile.mkdtemp()) / f"merge_{commit}.py"
+    path.write_text(text)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+
+    def run(edges, n_fragments, scoring, threshold, engine="python"):
+        return module.agglomerate_graph(edges, n_fragments, scoring, threshold)
+    return run
+
+
 def measure(n: int, engine: str, repeat: int) -> dict:
     out = subprocess.run([sys.executable, __file__, "--child", str(n), engine, str(repeat)],
                          check=True,
@@ -75,6 +101,9 @@ def main() -> int:
     ap.add_argument("--n", type=int, nargs="+", default=[20, 40, 80], help="grid edge lengths")
     ap.add_argument("--repeat", type=int, default=1,
                     help="merges per engine and size in its process (the median is printed)")
+    ap.add_argument("--against", metavar="COMMIT",
+                    help="also time the Python merge of an earlier commit (e.g. 7fb919d, the "
+                         "one issue 13 measured) against the compiled one")
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -98,6 +127,14 @@ def main() -> int:
               f"{py['seconds'] / c['seconds']:>6.1f} {py['first'] / c['first']:>9.1f} "
               f"{py['peak_kb'] / 1024:>9.0f} "
               f"{c['peak_kb'] / 1024:>8.0f} {per['py']:>9.0f} {per['c']:>8.0f}", flush=True)
+    if args.against:
+        old = measure(args.n[-1], f"python@{args.against}", args.repeat)
+        if old["merges"] != c["merges"]:
+            print(f"MISMATCH: {old['merges']} merges at {args.against} vs {c['merges']}")
+            return 1
+        print(f"SUMMARY the Python merge of {args.against}: {old['seconds']:.2f} s, the compiled "
+              f"merge {old['seconds'] / c['seconds']:.1f}x that ({old['first'] / c['first']:.1f}x "
+              f"on first merges)")
     print(f"SUMMARY compiled merge: {py['seconds'] / c['seconds']:.1f}x the Python merge on "
           f"{py['edges']} edges ({c['merges']} merges; {py['first'] / c['first']:.1f}x on "
           f"each process's first merge, {c['first']:.2f} s compiled); {per['c']:.0f} vs "
