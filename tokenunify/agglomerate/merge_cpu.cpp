@@ -34,9 +34,8 @@
 // longer than the neighbours' degrees added up (a large region absorbing small ones, where the
 // marks would cost a pass over its list per merge), by searching the neighbours' lists. The
 // arrays are not madvised for transparent huge pages: with THP's default `defrag=madvise` a
-// fault on such a range compacts memory in the faulting thread, and on the 1.5 M-edge grid
-// that made a process's first merge 2.5-3.2 s against 1.6-1.8 s without the hint, while later
-// merges, whose pages are already there, ran no faster with it (no TLB gain to be seen).
+// fault on such a range compacts memory in the faulting thread; on the 1.5 M-edge grid the
+// hint made merges slower, not faster (README, Concepts, step 4 of the agglomeration).
 // Against the former design (a hash table of (u, v) -> edge, every moved edge's ends
 // rewritten), on the 1.5 M-edge grid (2.2 M pops, 3.2 M moved edges, 1.0 M edge merges,
 // 512 k merges): about 11 % less time and 130 against 155 B per edge. What is left is mostly
