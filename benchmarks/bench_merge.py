@@ -71,18 +71,14 @@ def child(n: int, engine: str, repeat: int = 1) -> None:
 def merge_at(commit: str):
     """``agglomerate_graph`` of ``tokenunify/agglomerate/merge.py`` at ``commit`` (read with
     ``git show``; it must take the same arguments), for the ratio against an older merge."""
-    import importlib.util
-    import tempfile
+    import types
 
-    text = subprocess.run(["git", "-C", str(Path(__file__).parent), "show",
-                           f"{commit}:tokenunify/agglomerate/merge.py"], check=True,
+    where = f"{commit}:tokenunify/agglomerate/merge.py"
+    text = subprocess.run(["git", "-C", str(Path(__file__).parent), "show", where], check=True,
                           capture_output=True, text=True).stdout
-    path = Path(tempfile.mkdtemp()) / f"merge_{commit}.py"
-    path.write_text(text)
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
+    module = types.ModuleType(f"merge_{commit}")
+    sys.modules[module.__name__] = module  # its dataclasses look their module up
+    exec(compile(text, where, "exec"), module.__dict__)
 
     def run(edges, n_fragments, scoring, threshold, engine="python"):
         return module.agglomerate_graph(edges, n_fragments, scoring, threshold)

@@ -257,7 +257,6 @@ def merge_frames(df: pd.DataFrame, hist: pd.DataFrame | None, frozen, scoring: S
         sums, counts = df["sum"].to_numpy(np.float64), df["count"].to_numpy(np.int64)
     else:
         off, hbin, hcnt = _edge_histograms(key, hist)
-    release_free_memory()
     out = ext.merge(t(u), t(v), 0 if scoring.kind == "mean" else 1, t(sums), t(counts), t(off),
                     t(hbin), t(hcnt), scoring.quantile, scoring.bins, n, float(max_threshold),
                     t(key), t(df["score"].to_numpy(np.float64)),
@@ -447,6 +446,7 @@ def node_task(work: str, level: int, node, grids, fanout, frag_blocks: FragmentB
             if h is not None or state_h is not None else None
     del state, state_h
     frozen = np.union1d(rep_u[~ready], rep_v[~ready])
+    release_free_memory()  # what reading and stitching freed, before the kernel allocates
     merges, rdf, rh = merge_frames(df, h, frozen, scoring, max(thresholds))
     n_edges = len(df)
     del df, h
