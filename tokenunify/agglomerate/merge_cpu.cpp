@@ -555,9 +555,9 @@ std::vector<torch::Tensor> merge(torch::Tensor eu_t, torch::Tensor ev_t, int64_t
     heap.near_top([ed](u64 ke) { __builtin_prefetch(&ed[(u32)ke]); });  // the next pops'
     if (top.score > level && !frozen.empty()) new_level();
     level = std::max(level, top.score);
-    if (is_dead(e)) continue;  // (the bitset is in cache, the edge may not be)
+    if (is_dead(e)) continue;  // gone (the bitset is in cache, the edge may not be)
     Edge &te = ed[e];
-    if (te.deleted() || (top.ke >> 32) != te.key) continue;  // gone, or queued again under a new key
+    if ((top.ke >> 32) != te.key) continue;  // queued again under a new key
     if (te.stale()) {
       bool hot = false;
       u32 a = 0, b = 0;
